@@ -1,0 +1,26 @@
+"""lightreg: L1, L2, elastic-net and group-lasso penalties for PyTorch Lightning, applied by a callback.
+
+The core (penalties, selection, schedules, statistics) is plain tensor code; the callbacks connect
+Lightning hooks to it. Hydra and W&B are used only by the app (``lightreg.app``) and optional extras.
+"""
+
+from lightreg.group_lasso import GroupLasso
+from lightreg.penalties import L1, L2, ElasticNet, Penalty
+from lightreg.regularizer import Regularizer
+from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow
+from lightreg.selection import select_parameters
+
+__all__ = [
+    "L1",
+    "L2",
+    "CosineSchedule",
+    "ElasticNet",
+    "GroupLasso",
+    "LinearWarmup",
+    "Penalty",
+    "Regularizer",
+    "StepWindow",
+    "select_parameters",
+]
+
+__version__ = "0.1.0"
