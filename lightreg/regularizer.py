@@ -153,9 +153,10 @@ class Regularizer(Callback):
             self.apply_gradient(optimizer, self.current_alpha(trainer.global_step))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._stepped and is_log_step(trainer):
+        # Under accumulation this fires on every micro-batch; only a batch that stepped is logged.
+        stepped, self._stepped = self._stepped, False
+        if stepped and is_log_step(trainer):
             log_scalars(trainer, self.metrics())
-            self._stepped = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._handles:
