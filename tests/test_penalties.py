@@ -1,0 +1,226 @@
+"""Penalties as plain tensor functions, against autograd of the explicit formulas and closed-form proxes."""
+
+import math
+
+import pytest
+import torch
+
+from lightreg import L1, L2, ElasticNet, GroupLasso
+from lightreg import penalties as penalties_module
+
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def explicit_value(penalty, w):
+    """R(w) written out from design.md, independently of the library's implementation."""
+    a = penalty.alpha
+    if isinstance(penalty, L1):
+        return a * w.abs().sum()
+    if isinstance(penalty, L2):
+        return a / 2 * (w * w).sum()
+    if isinstance(penalty, ElasticNet):
+        r = penalty.l1_ratio
+        return a * r * w.abs().sum() + a * (1 - r) / 2 * (w * w).sum()
+    if isinstance(penalty, GroupLasso):
+        dim = penalty.dim % w.ndim
+        slices = [w.select(dim, i) for i in range(w.shape[dim])]
+        return sum(a * math.sqrt(g.numel()) * torch.sqrt((g * g).sum()) for g in slices)
+    raise AssertionError(penalty)
+
+
+def explicit_prox(penalty, w, t):
+    """Closed-form prox_{tR}(w), element by element / group by group, with plain Python loops."""
+    out = w.clone()
+    if isinstance(penalty, GroupLasso):
+        dim = penalty.dim % w.ndim
+        for i in range(w.shape[dim]):
+            g = w.select(dim, i)
+            norm = math.sqrt(float((g * g).sum()))
+            thr = t * penalty.alpha * math.sqrt(g.numel())
+            scale = 0.0 if norm <= thr else 1 - thr / norm
+            out.select(dim, i).copy_(g * scale)
+        return out
+    l1 = {L1: 1.0, L2: 0.0}.get(type(penalty), getattr(penalty, "l1_ratio", None))
+    flat = out.view(-1)
+    for i, x in enumerate(w.reshape(-1).tolist()):
+        shrunk = math.copysign(max(abs(x) - t * penalty.alpha * l1, 0.0), x)
+        flat[i] = shrunk / (1 + t * penalty.alpha * (1 - l1))
+    return out
+
+
+PENALTIES = [L1(0.3), L2(0.7), ElasticNet(0.5, l1_ratio=0.3), ElasticNet(0.5, 1.0), ElasticNet(0.5, 0.0),
+             GroupLasso(0.2, dim=0), GroupLasso(0.2, dim=1), GroupLasso(0.1, dim=-1)]
+
+
+def weights(seed=0, shape=(6, 5)):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    w[0, 0] = 0.0  # a zero entry
+    w[2] = 0.0  # an all-zero row (a zero group for dim=0)
+    return w
+
+
+@pytest.mark.parametrize("penalty", PENALTIES, ids=repr)
+@pytest.mark.parametrize("shape", [(6, 5), (6, 3, 2, 2)])
+def test_value_and_gradient_match_autograd_of_the_formula(penalty, shape):
+    w = weights(shape=shape)
+    if isinstance(penalty, GroupLasso) and penalty.dim == 1:
+        w.select(1, 1).zero_()
+    ws = [w.clone().requires_grad_(), (w + 1).clone().requires_grad_()]
+    ours = penalty(ws)
+    ref = sum(explicit_value(penalty, x) for x in ws)
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=0)
+
+    ref.backward()
+    grads = [torch.zeros_like(x) for x in ws]
+    penalty.add_grad_(grads, [x.detach() for x in ws])
+    for g, x in zip(grads, ws):
+        # sqrt(sum g²) has no derivative at an all-zero group; the convention picks the subgradient 0.
+        torch.testing.assert_close(g, x.grad.nan_to_num(nan=0.0), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("penalty", PENALTIES, ids=repr)
+def test_differentiable_value_backpropagates_like_the_formula(penalty):
+    w = weights().requires_grad_()
+    penalty(w).backward()
+    ref_w = weights().requires_grad_()
+    explicit_value(penalty, ref_w).backward()
+    torch.testing.assert_close(w.grad, ref_w.grad.nan_to_num(nan=0.0), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("penalty", PENALTIES, ids=repr)
+def test_decoupled_step_is_w_minus_lr_times_gradient(penalty):
+    w = weights().requires_grad_()
+    explicit_value(penalty, w).backward()
+    expected = w.detach() - 0.1 * w.grad.nan_to_num(nan=0.0)
+    ours = weights()
+    penalty.decay_([ours], lr=0.1)
+    torch.testing.assert_close(ours, expected, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("penalty", PENALTIES, ids=repr)
+@pytest.mark.parametrize("lr", [0.05, 0.8, 10.0])
+def test_prox_matches_closed_form(penalty, lr):
+    w = weights()
+    expected = explicit_prox(penalty, w, lr)
+    ours = w.clone()
+    penalty.prox_([ours], lr=lr)
+    torch.testing.assert_close(ours, expected, rtol=1e-13, atol=1e-15)
+    assert torch.equal(ours == 0, expected == 0)  # exact zeros, not tiny numbers
+
+
+@pytest.mark.parametrize("penalty", PENALTIES, ids=repr)
+def test_prox_minimises_the_prox_objective(penalty):
+    """prox_{tR}(w) = argmin_v R(v) + ||v - w||² / (2t): no nearby point does better."""
+    w, t = weights(), 0.4
+    v = w.clone()
+    penalty.prox_([v], lr=t)
+
+    def objective(x):
+        return float(explicit_value(penalty, x) + ((x - w) ** 2).sum() / (2 * t))
+
+    g = torch.Generator().manual_seed(1)
+    best = objective(v)
+    for _ in range(50):
+        assert objective(v + 1e-3 * torch.randn(v.shape, generator=g)) >= best - 1e-12
+
+
+def test_soft_threshold_zeroes_exactly_and_keeps_the_sign():
+    w = torch.tensor([-2.0, -0.5, -0.1, 0.0, 0.1, 0.5, 2.0])
+    L1(1.0).prox_([w], lr=0.5)
+    assert w.tolist() == [-1.5, 0.0, 0.0, 0.0, 0.0, 0.0, 1.5]
+
+
+def test_explicit_alpha_overrides_and_zero_alpha_is_a_no_op():
+    w = weights()
+    before = w.clone()
+    L1(0.5).prox_([w], lr=1.0, alpha=0.0)
+    ElasticNet(0.5).decay_([w], lr=1.0, alpha=0.0)
+    assert torch.equal(w, before)
+    assert torch.equal(L1(0.5)(w, alpha=1.0), L1(1.0)(w))
+
+
+@pytest.mark.parametrize("penalty", [L1(0.3), L2(0.7)], ids=repr)
+def test_foreach_path_equals_the_loop(monkeypatch, penalty):
+    """The fused path (taken on accelerators) forced on CPU must give the per-tensor loop's result."""
+    tensors = [torch.randn(shape) for shape in [(6, 5), (40, 3), (2, 2), (7,)]]
+    loop = [t.clone() for t in tensors]
+    fused = [t.clone() for t in tensors]
+    penalty.prox_(loop, lr=0.3)
+    monkeypatch.setattr(penalties_module, "use_foreach", lambda ts: True)
+    penalty.prox_(fused, lr=0.3)
+    for a, b in zip(loop, fused):
+        assert torch.equal(a, b)
+    if isinstance(penalty, L2):
+        g_loop, g_fused = [torch.ones_like(t) for t in tensors], [torch.ones_like(t) for t in tensors]
+        penalty.add_grad_(g_fused, tensors)
+        penalty.decay_(fused, lr=0.3)
+        monkeypatch.setattr(penalties_module, "use_foreach", lambda ts: False)
+        penalty.add_grad_(g_loop, tensors)
+        penalty.decay_(loop, lr=0.3)
+        assert all(torch.equal(a, b) for a, b in zip(g_loop, g_fused))
+        assert all(torch.equal(a, b) for a, b in zip(loop, fused))
+
+
+def test_chunks_never_exceed_the_largest_tensor():
+    tensors = [torch.empty(n) for n in (5, 3, 2, 9, 1, 1, 8)]
+    runs = penalties_module.chunk_by_numel(tensors)
+    assert [i for r in runs for i in range(r.start, r.stop)] == list(range(len(tensors)))
+    assert all(sum(t.numel() for t in tensors[r]) <= 9 for r in runs)
+
+
+def test_repr_and_equality_show_the_parameters():
+    assert repr(L1(0.001)) == "L1(alpha=0.001)"
+    assert repr(ElasticNet(0.1, l1_ratio=0.25)) == "ElasticNet(alpha=0.1, l1_ratio=0.25)"
+    assert repr(GroupLasso(2, dim=1)) == "GroupLasso(alpha=2.0, dim=1)"
+    assert L2(0.1) == L2(0.1) and L2(0.1) != L1(0.1)
+
+
+@pytest.mark.parametrize(
+    "make, exc, words",
+    [
+        (lambda: L1(-1.0), ValueError, "alpha"),
+        (lambda: L2(float("nan")), ValueError, "alpha"),
+        (lambda: L1(float("inf")), ValueError, "alpha"),
+        (lambda: L1("0.1"), TypeError, "alpha"),
+        (lambda: L1(True), TypeError, "alpha"),
+        (lambda: ElasticNet(0.1, l1_ratio=1.5), ValueError, "l1_ratio"),
+        (lambda: ElasticNet(0.1, l1_ratio=-0.1), ValueError, "l1_ratio"),
+        (lambda: GroupLasso(0.1, dim=0.5), TypeError, "dim"),
+        (lambda: GroupLasso(0.1, dim="rows"), TypeError, "dim"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(make, exc, words):
+    with pytest.raises(exc, match=words):
+        make()
+
+
+def test_group_lasso_dim_out_of_range_is_reported_with_the_shape():
+    with pytest.raises(ValueError, match=r"dim=2 .*\(3, 4\)"):
+        GroupLasso(0.1, dim=2).check_tensor("fc.weight", torch.zeros(3, 4))
+
+
+def test_value_of_nothing_and_of_non_tensors_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        L1(0.1)([])
+    with pytest.raises(TypeError, match="tensors"):
+        L1(0.1)([1.0, 2.0])
+
+
+def test_penalty_added_to_a_loss_trains_like_a_hand_written_one():
+    model = torch.nn.Linear(4, 2)
+    x = torch.randn(8, 4)
+    loss = model(x).pow(2).mean() + L1(0.01)(model.parameters())
+    loss.backward()
+    ref = torch.nn.Linear(4, 2)
+    ref.load_state_dict(model.state_dict())
+    (ref(x).pow(2).mean() + 0.01 * sum(p.abs().sum() for p in ref.parameters())).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-13, atol=0)
