@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightreg._checks import check_patterns
+from lightreg.distributed import check_model, check_strategy, sum_values
 from lightreg.emit import is_log_step, log_scalars
 from lightreg.penalties import Penalty
 from lightreg.schedules import scheduled_factor
@@ -115,6 +116,7 @@ class Regularizer(Callback):
         self._handles: list[Any] = []
         self._trainer: pl.Trainer | None = None
         self._stepped = False
+        self._decay_in_pre_hook = False
 
     def __repr__(self) -> str:
         return (
@@ -137,11 +139,17 @@ class Regularizer(Callback):
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_strategy(trainer.strategy, f"Regularizer {self.name!r}")
+        check_model(pl_module, f"Regularizer {self.name!r}")
         selected = self.select(pl_module)
         for name, param in selected:
             self.penalty.check_tensor(name, param)
         self._targets = bind_to_optimizers(trainer.optimizers, selected)
         self._trainer = trainer
+        # Lightning runs the closure (forward, backward) inside optimizer.step, after its pre-step hooks, so the
+        # decoupled step normally goes in on_before_optimizer_step. A grad scaler instead calls optimizer.step
+        # after backward and only when the step is not skipped: there the pre-step hook is the right place.
+        self._decay_in_pre_hook = getattr(trainer.precision_plugin, "scaler", None) is not None
         self._register_optimizer_hooks()
         self._warn_double_decay()
         self._report_selection(selected)
@@ -151,6 +159,8 @@ class Regularizer(Callback):
     ) -> None:
         if self.mode == "gradient":
             self.apply_gradient(optimizer, self.current_alpha(trainer.global_step))
+        elif self.mode == "decoupled" and not self._decay_in_pre_hook:
+            self.apply_decoupled(optimizer, self.current_alpha(trainer.global_step))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Under accumulation this fires on every micro-batch; only a batch that stepped is logged.
@@ -176,39 +186,39 @@ class Regularizer(Callback):
     # ---- the three modes ------------------------------------------------------------------------
     def apply_gradient(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``g += ∇R(w)`` for the selected parameters of ``optimizer`` that have a gradient."""
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
-        for target in self._targets:
-            if target.optimizer is optimizer:
-                pairs = [(p.grad, p) for p in target.params if p.grad is not None]
-                if pairs:
-                    grads, params = zip(*pairs, strict=True)
-                    self.penalty.add_grad_(grads, params, alpha)
+        for target in self._targets_of(optimizer):
+            pairs = [(p.grad, p) for p in target.params if p.grad is not None]
+            if pairs:
+                grads, params = zip(*pairs, strict=True)
+                self.penalty.add_grad_(grads, params, alpha)
 
     @torch.no_grad()
     def apply_decoupled(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w -= lr * ∇R(w)`` with each param group's ``lr``."""
-        for target in self._targets:
-            if target.optimizer is optimizer:
-                self.penalty.decay_(target.params, _lr(target.group), alpha)
+        for target in self._targets_of(optimizer):
+            self.penalty.decay_(target.params, _lr(target.group), alpha)
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w <- prox_{lr R}(w)`` with each param group's ``lr``."""
-        for target in self._targets:
-            if target.optimizer is optimizer:
-                self.penalty.prox_(target.params, _lr(target.group), alpha)
+        for target in self._targets_of(optimizer):
+            self.penalty.prox_(target.params, _lr(target.group), alpha)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Tensor | float]:
         """``reg/<name>/penalty`` (``R(w)`` of the current weights at the last alpha) and ``reg/<name>/alpha``."""
         params = [p for target in self._targets for p in target.params]
-        penalty = torch.stack([self.penalty.value(p, self.alpha) for p in params]).sum()
+        penalty = sum_values([self.penalty.value(p, self.alpha) for p in params])  # global under FSDP2
         return {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _targets_of(self, optimizer: torch.optim.Optimizer) -> list[ParamGroupTarget]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+        return [target for target in self._targets if target.optimizer is optimizer]
+
     def _register_optimizer_hooks(self) -> None:
         for optimizer in {id(t.optimizer): t.optimizer for t in self._targets}.values():
-            if self.mode == "decoupled":
+            if self.mode == "decoupled" and self._decay_in_pre_hook:
                 self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
             # Every mode counts the steps that really ran here; proximal also acts here.
             self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
