@@ -5,8 +5,10 @@ Lightning hooks to it. Hydra and W&B are used only by the app (``lightreg.app``)
 """
 
 from lightreg.group_lasso import GroupLasso
+from lightreg.monitor import WeightMonitor
 from lightreg.penalties import L1, L2, ElasticNet, Penalty
 from lightreg.regularizer import Regularizer
+from lightreg.report import print_report, sparsity_report
 from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow
 from lightreg.selection import select_parameters
 
@@ -20,7 +22,10 @@ __all__ = [
     "Penalty",
     "Regularizer",
     "StepWindow",
+    "WeightMonitor",
+    "print_report",
     "select_parameters",
+    "sparsity_report",
 ]
 
 __version__ = "0.1.0"

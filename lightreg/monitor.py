@@ -1,0 +1,193 @@
+"""The ``WeightMonitor`` callback: per-layer norms and sparsity of the weights, logged every n steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+
+from lightreg._checks import check_int, check_patterns, check_real
+from lightreg.emit import log_scalars
+from lightreg.selection import select_parameters
+from lightreg.statistics import EXTRAS, figure_names, figures, global_sparsity, is_dtensor, reduce_partial_sums
+
+
+def check_extras(extras: object) -> tuple[str, ...]:
+    """Normalise ``extras``: a name or a sequence of names from ``EXTRAS``, in ``EXTRAS`` order."""
+    if isinstance(extras, str):
+        extras = (extras,)
+    if not isinstance(extras, Sequence):
+        raise TypeError(f"extras must be a sequence of names from {EXTRAS}, got {extras!r}")
+    for extra in extras:
+        if extra not in EXTRAS:
+            raise ValueError(f"extras must hold names from {EXTRAS}, got {extra!r} in {list(extras)!r}")
+    return tuple(e for e in EXTRAS if e in extras)
+
+
+class WeightMonitor(Callback):
+    """Log ``weights/<name>/l1``, ``/l2``, ``/sparsity`` and ``weights/global/sparsity`` every n steps.
+
+    ``l1 = Σ|w|``, ``l2 = √Σw²``, ``sparsity = #(w == 0) / numel`` per monitored tensor, and the global
+    sparsity over all of them. ``extras`` adds ``/near_zero`` (``#(|w| <= eps) / numel``), ``/linf``
+    (``max|w|``) and, with ``"structured"``, ``/dead_rows`` and ``/dead_cols``: the fraction of all-zero
+    slices along dim 0 (output units, filters) and dim 1 (input features, channels) of tensors with
+    ``ndim >= 2``.
+
+    When: after the optimizer steps whose ``trainer.global_step`` (steps done) is a multiple of
+    ``every_n_steps``, in ``on_train_batch_end`` of the batch that stepped (never on accumulation
+    micro-batches, nor when the AMP scaler skipped the step). A proximal ``Regularizer`` acts in the
+    optimizer's step post-hook, so the figures are after the prox whichever callback comes first.
+    The row carries Lightning's step for that batch (``global_step - 1``), the same row as the module's
+    own ``self.log`` values. Nothing is computed on the steps in between; a logging step computes
+    everything in one pass and crosses to the host once. Never on the progress bar.
+
+    Selection is the ``Regularizer``'s (``ndim >= 2``, no norm layers; ``include``/``exclude`` globs).
+    Under DDP the replicated weights are measured on rank zero only; with ``DTensor`` parameters (FSDP2)
+    every rank computes its shard's partial sums and they are reduced before the figures are formed.
+
+    With a ``WandbLogger`` attached, fit end also logs ``weights/table`` (one row per layer) and sets the
+    run summary ``weights/global/sparsity``; ``histogram_every_n_steps`` adds ``weights/<name>/hist``.
+    ``print_table=True`` prints ``sparsity_report`` at fit end on rank zero.
+
+    Example:
+        >>> WeightMonitor(every_n_steps=10, extras=["structured", "linf"])
+        WeightMonitor(every_n_steps=10, include=None, exclude=None, extras=('linf', 'structured'))
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        extras: Sequence[str] = (),
+        eps: float = 1e-8,
+        histogram_every_n_steps: int | None = None,
+        print_table: bool = False,
+    ) -> None:
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, low=1)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.extras = check_extras(extras)
+        self.eps = check_real("eps", eps)
+        if histogram_every_n_steps is not None:
+            check_int("histogram_every_n_steps", histogram_every_n_steps, low=1)
+        self.histogram_every_n_steps = histogram_every_n_steps
+        if not isinstance(print_table, bool):
+            raise TypeError(f"print_table must be a bool, got {print_table!r}")
+        self.print_table = print_table
+        self.names: list[str] = []
+        self.params: list[Tensor] = []
+        self._sharded = False
+        self._stepped = False
+        self._handles: list[Any] = []
+        self._wandb: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightMonitor(every_n_steps={self.every_n_steps}, include={self.include!r}, "
+            f"exclude={self.exclude!r}, extras={self.extras!r})"
+        )
+
+    # ---- pure part ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute(self, extras: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+        """``(figures, partial sums)`` of the monitored tensors; every rank must call it when sharded."""
+        extras = self.extras if extras is None else extras
+        partials = reduce_partial_sums(
+            self.params, self.names, eps=self.eps, near_zero="near_zero" in extras,
+            linf="linf" in extras, structured="structured" in extras,
+        )
+        return figures(partials, extras=extras), partials
+
+    def metrics(self) -> dict[str, float]:
+        """The metric dict of one logging step, with one device-to-host transfer."""
+        table, partials = self.compute()
+        names = figure_names(self.extras)
+        values = torch.cat([table.flatten(), global_sparsity(partials).reshape(1)]).tolist()
+        out: dict[str, float] = {}
+        for i, (param_name, param) in enumerate(zip(self.names, self.params, strict=True)):
+            for j, figure in enumerate(names):
+                if figure in ("dead_rows", "dead_cols") and param.ndim < 2:
+                    continue
+                out[f"weights/{param_name}/{figure}"] = values[i * len(names) + j]
+        out["weights/global/sparsity"] = values[-1]
+        return out
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _refuse_flat_shards(trainer)
+        selected = select_parameters(pl_module, self.include, self.exclude)
+        self.names = [name for name, _ in selected]
+        self.params = [param for _, param in selected]
+        self._sharded = any(is_dtensor(p) for p in self.params)
+        self._stepped = False
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+        if _wandb_loggers(trainer):
+            from lightreg import wandb_extras  # only now: the core never imports wandb
+
+            self._wandb = wandb_extras
+            if self.histogram_every_n_steps and self._sharded:
+                raise ValueError(
+                    f"histogram_every_n_steps={self.histogram_every_n_steps}: histograms of DTensor shards "
+                    "are not supported (they would be a shard's own); set it to None"
+                )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        stepped, self._stepped = self._stepped, False
+        if not stepped or not trainer.loggers:
+            return
+        # DDP: the replicas are identical, rank zero measures alone; sharded: every rank joins the reduction.
+        measure = self._sharded or trainer.is_global_zero
+        if measure and trainer.global_step % self.every_n_steps == 0:
+            values = self.metrics()
+            if trainer.is_global_zero:
+                log_scalars(trainer, values)
+        hist = self.histogram_every_n_steps
+        if hist and self._wandb is not None and trainer.is_global_zero and trainer.global_step % hist == 0:
+            self._wandb.log_histograms(trainer, self.names, self.params)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.print_table or self._wandb is not None):
+            return
+        if not (self._sharded or trainer.is_global_zero):
+            return
+        from lightreg.report import print_report, report_rows
+
+        rows = report_rows(self.names, self.params)
+        if not trainer.is_global_zero:
+            return
+        if self.print_table:
+            print_report(rows)
+        if self._wandb is not None:
+            self._wandb.log_fit_end(trainer, rows)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Fires once per real step (not per micro-batch), after any proximal Regularizer hook that
+        # was registered earlier; the figures themselves wait for on_train_batch_end, after all of them.
+        self._stepped = True
+
+
+def _wandb_loggers(trainer: pl.Trainer) -> list[Any]:
+    # Lightning's WandbLogger module imports wandb only when a run starts, so this check is free.
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def _refuse_flat_shards(trainer: pl.Trainer) -> None:
+    """FSDP1 and ZeRO-3 keep flat 1-D shards under the original names: any figure would be a shard's."""
+    strategy = trainer.strategy
+    if type(strategy).__name__ == "FSDPStrategy" or getattr(strategy, "zero_stage_3", False):
+        raise ValueError(
+            f"WeightMonitor cannot measure parameters under {type(strategy).__name__} (flat 1-D shards); "
+            "use ModelParallelStrategy with fully_shard (FSDP2), whose DTensor parameters it reduces exactly"
+        )

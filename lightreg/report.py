@@ -1,0 +1,92 @@
+"""A per-layer sparsity report of any ``nn.Module``, as rows and as a printed table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightreg.selection import select_parameters
+from lightreg.statistics import figures, reduce_partial_sums
+
+#: The keys of every report row, in display order.
+REPORT_COLUMNS = ("name", "shape", "numel", "l1", "l2", "sparsity", "dead_rows", "dead_cols")
+
+
+@torch.no_grad()
+def report_rows(names: Sequence[str], params: Sequence[Tensor]) -> list[dict[str, Any]]:
+    """One row per tensor (``REPORT_COLUMNS``), computed in one pass with one host transfer.
+
+    ``dead_rows`` / ``dead_cols`` are the fractions of all-zero slices along dim 0 / dim 1, ``None``
+    for tensors with ``ndim < 2``. ``DTensor`` shards are reduced first, so every rank must call it.
+    """
+    partials = reduce_partial_sums(params, names, structured=True)
+    values = figures(partials, extras=["structured"]).tolist()
+    rows = []
+    for name, param, (l1, l2, sparsity, dead_rows, dead_cols) in zip(names, params, values, strict=True):
+        structured = param.ndim >= 2
+        rows.append({
+            "name": name,
+            "shape": tuple(param.shape),
+            "numel": param.numel(),
+            "l1": l1,
+            "l2": l2,
+            "sparsity": sparsity,
+            "dead_rows": dead_rows if structured else None,
+            "dead_cols": dead_cols if structured else None,
+        })
+    return rows
+
+
+def sparsity_report(
+    model: nn.Module,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+) -> list[dict[str, Any]]:
+    """Per-layer ``l1 = Σ|w|``, ``l2 = √Σw²``, ``sparsity = #zeros/numel`` and dead row/column fractions.
+
+    Works on any ``nn.Module`` outside training, with the ``Regularizer``'s selection rule
+    (``ndim >= 2``, no norm layers) or ``include``/``exclude`` globs.
+
+    Example:
+        >>> model = nn.Linear(3, 2, bias=False)
+        >>> _ = model.weight.data.copy_(torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, -4.0]]))
+        >>> row = sparsity_report(model)[0]
+        >>> row["name"], row["shape"], row["l1"], row["l2"], row["sparsity"], row["dead_rows"], row["dead_cols"]
+        ('weight', (2, 3), 7.0, 5.0, 0.6666666666666666, 0.5, 0.3333333333333333)
+    """
+    selected = select_parameters(model, include, exclude)
+    return report_rows([n for n, _ in selected], [p for _, p in selected])
+
+
+def _fraction(value: float | None, total: int) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1%} ({round(value * total)}/{total})"
+
+
+def print_report(rows: Sequence[dict[str, Any]], title: str = "Weight sparsity") -> None:
+    """Print ``rows`` (from ``sparsity_report``) as a ``rich`` table, with a total line."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column, justify in zip(REPORT_COLUMNS, ("left", "left") + ("right",) * 6, strict=True):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    zeros = numel = 0
+    for row in rows:
+        shape = row["shape"]
+        zeros += round(row["sparsity"] * row["numel"])
+        numel += row["numel"]
+        table.add_row(
+            row["name"], "x".join(map(str, shape)) or "scalar", f"{row['numel']:,}", f"{row['l1']:.4g}",
+            f"{row['l2']:.4g}", f"{row['sparsity']:.2%}",
+            _fraction(row["dead_rows"], shape[0] if len(shape) >= 2 else 0),
+            _fraction(row["dead_cols"], shape[1] if len(shape) >= 2 else 0),
+        )
+    if rows:
+        table.add_section()
+        table.add_row("total", "", f"{numel:,}", "", "", f"{zeros / numel:.2%}" if numel else "-", "", "")
+    Console().print(table)
