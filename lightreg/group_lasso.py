@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lightreg._checks import check_int
+from lightreg.distributed import replicate
 from lightreg.penalties import Penalty
 
 
@@ -51,7 +52,8 @@ class GroupLasso(Penalty):
         others = [d for d in range(w.ndim) if d != dim]
         if not others:
             return w.abs()
-        return torch.linalg.vector_norm(w, ord=2, dim=others)
+        # Under FSDP2 a norm over a sharded dim is a partial DTensor; summing it unresolved is wrong.
+        return replicate(torch.linalg.vector_norm(w, ord=2, dim=others))
 
     def _group_scale(self, w: Tensor) -> float:
         return math.sqrt(w.numel() // max(w.shape[self.dim], 1)) if w.numel() else 0.0

@@ -1,0 +1,145 @@
+"""Parameters under distributed strategies: sharded ``DTensor``s (FSDP2) and the layouts we refuse.
+
+Under FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``) every parameter is a ``DTensor``
+whose local shard holds some rows of the tensor (possibly none). Elementwise ops (``sign``, ``clamp``,
+``mul_``...) act on the shard, so ``L1``/``L2``/``ElasticNet`` need nothing more; any *sum* over the
+tensor (a penalty value, a group norm that spans shards) is only right after a cross-rank reduction,
+which ``DTensor`` performs when asked for a replicated or full value. Two ``DTensor`` details matter:
+
+* a norm over a sharded dimension comes back as a *partial* norm; ``.sum()`` of it keeps the partial
+  placement and then reduces it as a norm again, which is wrong (``sum_g sqrt(sum_r x_rg)`` is not
+  ``sqrt(sum_r sum_g x_rg)``). :func:`replicate` resolves the partial value first.
+* reading a value on the host needs every rank to take part: :func:`global_value` is a collective.
+
+FSDP1 (``FSDPStrategy``) and DeepSpeed keep parameters as flat 1-D shards (or placeholders) and own
+copies of the weights and gradients, so penalties written against the module's tensors would be silently
+wrong there: :func:`check_strategy` refuses them before any weight changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # torch built without distributed support has no DTensor, and then no parameter is one.
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - every supported torch wheel ships torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    Replicate = None  # type: ignore[assignment,misc]
+
+SUPPORTED = "strategy='ddp' (or 'ddp_spawn'), or FSDP2: ModelParallelStrategy(...) with fully_shard in configure_model"
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 / tensor-parallel parameter).
+
+    Example:
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def replicate(t: Tensor) -> Tensor:
+    """Resolve a ``DTensor`` with a partial placement into a replicated one; other tensors pass through.
+
+    Call it on a reduction over a possibly sharded dimension before reducing it further.
+
+    Example:
+        >>> replicate(torch.tensor([3.0, 4.0]))
+        tensor([3., 4.])
+    """
+    if not is_dtensor(t) or not any(p.is_partial() for p in t.placements):
+        return t
+    placements = [Replicate() if p.is_partial() else p for p in t.placements]
+    return t.redistribute(t.device_mesh, placements)
+
+
+def global_value(t: Tensor) -> Tensor:
+    """The whole (all-gathered, reduced) value of ``t`` as a plain tensor; a collective for a ``DTensor``.
+
+    Every rank of the mesh must call it, in the same order.
+
+    Example:
+        >>> global_value(torch.tensor(1.5))
+        tensor(1.5000)
+    """
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (maybe empty), or ``t`` itself.
+
+    Example:
+        >>> local_tensor(torch.ones(2)).shape
+        torch.Size([2])
+    """
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _deepspeed_stage(strategy: Any) -> str:
+    config = getattr(strategy, "config", None)
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    return str(zero.get("stage", "?")) if isinstance(zero, dict) else "?"
+
+
+def check_strategy(strategy: Any, who: str) -> None:
+    """Raise ``ValueError`` if ``who`` (e.g. ``"Regularizer 'l1'"``) cannot act correctly under ``strategy``.
+
+    Refused: Lightning's ``DeepSpeedStrategy`` (every ZeRO stage: DeepSpeed keeps gradients and fp32
+    master weights in its own partitioned buffers, so ``p.grad`` is ``None`` at the hook and a change to
+    the module's weights is overwritten by the next step) and ``FSDPStrategy`` (FSDP1: parameters are
+    flat 1-D shards that lost their shape, so neither the default selection rule nor ``GroupLasso`` apply).
+
+    Example:
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> check_strategy(SingleDeviceStrategy("cpu"), "Regularizer 'l1'")  # supported: no error
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise ValueError(
+            f"{who} does not support DeepSpeedStrategy (ZeRO stage {_deepspeed_stage(strategy)}): DeepSpeed keeps "
+            "gradients and fp32 master weights in its own partitioned buffers, so p.grad is None when the penalty "
+            "would be added and a change to the module's weights is overwritten by the next step. "
+            f"Use {SUPPORTED}."
+        )
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            f"{who} does not support FSDPStrategy (FSDP1): it turns parameters into flat 1-D shards without their "
+            "shapes, so the default selection (ndim >= 2) and GroupLasso cannot see them, and sums over a shard "
+            f"are silently wrong. Use {SUPPORTED}."
+        )
+
+
+def check_model(model: torch.nn.Module, who: str) -> None:
+    """Raise ``ValueError`` for FSDP1-wrapped modules and flat or DeepSpeed ZeRO parameters in ``model``.
+
+    Catches the layouts of :func:`check_strategy` also when a model was wrapped by hand (Fabric, raw FSDP).
+
+    Example:
+        >>> check_model(torch.nn.Linear(2, 2), "Regularizer 'l1'")  # a plain module: no error
+    """
+    for name, module in model.named_modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            raise ValueError(f"{who}: module {name or '<root>'!r} is wrapped by FSDP1 (FullyShardedDataParallel). Use {SUPPORTED}.")
+    for name, param in model.named_parameters():
+        if type(param).__name__ == "FlatParameter" or getattr(param, "_is_flat_param", False):
+            raise ValueError(f"{who}: parameter {name!r} is an FSDP1 FlatParameter (a flat 1-D shard). Use {SUPPORTED}.")
+        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
+            raise ValueError(f"{who}: parameter {name!r} is a DeepSpeed ZeRO parameter. Use {SUPPORTED}.")
+
+
+def sum_values(values: Sequence[Tensor]) -> Tensor:
+    """Sum scalar penalty values, some possibly ``DTensor``s, into one plain tensor (one collective at most).
+
+    Example:
+        >>> sum_values([torch.tensor(1.0), torch.tensor(2.5)])
+        tensor(3.5000)
+    """
+    if not values:
+        return torch.zeros(())
+    return global_value(torch.stack([replicate(v) for v in values]).sum())

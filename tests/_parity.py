@@ -1,0 +1,69 @@
+"""One table of (penalty, mode) runs, trained either on one process or on several (DDP, FSDP2).
+
+A parity test trains every entry once on N ranks (each rank sees 1/N of the global batch) and once on
+one process with the whole batch, and compares the final weights: float64, full-batch steps, so the
+only difference is the order of floating-point sums (~1e-16 relative).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightreg import L1, L2, ElasticNet, GroupLasso, Regularizer
+from lightreg.distributed import global_value, local_tensor
+from lightreg.selection import clean_name
+from tests.models import TinyNet, loader, regression_data, trainer
+
+N, D = 16, 8
+EPOCHS = 4
+PENALTIES = {
+    "l1": lambda: L1(0.5),
+    "l2": lambda: L2(0.5),
+    "en": lambda: ElasticNet(0.4, l1_ratio=0.5),
+    "gl0": lambda: GroupLasso(0.2, dim=0),  # rows: whole groups on one rank under FSDP2
+    "gl1": lambda: GroupLasso(0.2, dim=1),  # columns: every group split across the ranks under FSDP2
+}
+OPTIMIZER = {"gradient": "sgd", "decoupled": "adam", "proximal": "sgd"}
+
+
+def table(penalties: list[str]) -> list[str]:
+    return [f"{p}-{m}" for p in penalties for m in ("gradient", "decoupled", "proximal")]
+
+
+class Snapshot(Callback):
+    """Records the whole weights (a collective under FSDP2) and the Regularizers' metrics at the end of fit."""
+
+    def __init__(self, regs):
+        self.regs, self.out = regs, {}
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            self.out["weights"] = {clean_name(n): global_value(p.detach()).clone() for n, p in pl_module.named_parameters()}
+            self.out["local_numel"] = {clean_name(n): local_tensor(p).numel() for n, p in pl_module.named_parameters()}
+        self.out["metrics"] = {k: float(v) for r in self.regs for k, v in r.metrics().items()}
+        self.out["names"] = [n for r in self.regs for t in r._targets for n in t.names]
+        self.out["steps_applied"] = [r.steps_applied for r in self.regs]
+
+
+def train(key: str, *, batch_size: int, model_cls=TinyNet, accumulate: int = 1, clip: float | None = None,
+          extra_callbacks=(), **trainer_kwargs) -> dict:
+    """Train the table entry ``key`` (``"<penalty>-<mode>"``, or ``"none"``) and return its :class:`Snapshot`."""
+    x, y = regression_data(n=N, d=D)
+    regs = []
+    if key != "none":
+        penalty, mode = key.split("-")
+        regs = [Regularizer(PENALTIES[penalty](), mode=mode)]
+    optimizer = OPTIMIZER[key.split("-")[1]] if key != "none" else "sgd"
+    model = model_cls(d=D, optimizer=optimizer, lr=0.05)
+    snap = Snapshot(regs)
+    trainer(max_epochs=EPOCHS, callbacks=[*regs, snap, *extra_callbacks], accumulate_grad_batches=accumulate,
+            gradient_clip_val=clip, **trainer_kwargs).fit(model, loader(x, y, batch_size=batch_size))
+    return snap.out
+
+
+def assert_same(a: dict, b: dict, tol: float = 1e-12) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        err = (a[name] - b[name]).abs().max().item()
+        assert err <= tol * max(1.0, b[name].abs().max().item()), f"{name}: max diff {err:.3g}"
