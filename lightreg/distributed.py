@@ -77,7 +77,27 @@ def local_tensor(t: Tensor) -> Tensor:
         >>> local_tensor(torch.ones(2)).shape
         torch.Size([2])
     """
-    return t.to_local() if is_dtensor(t) else t
+    # _local_tensor is the shard itself; to_local() would return an autograd view that refuses in-place updates.
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def local_groups(v: Tensor, w: Tensor, dim: int) -> Tensor:
+    """The entries of the per-group vector ``v`` (one per index of ``w``'s ``dim``) that this rank's shard of ``w`` holds.
+
+    For a plain ``w`` that is ``v`` itself. For a ``DTensor`` ``w`` it is a plain tensor: the slice of the
+    whole ``v`` at the shard's offset along ``dim`` (all of it when ``dim`` is not sharded), so that an
+    in-place update of ``w.to_local()`` by group needs no placement change.
+
+    Example:
+        >>> local_groups(torch.tensor([1.0, 2.0]), torch.zeros(2, 3), dim=0)
+        tensor([1., 2.])
+    """
+    if not is_dtensor(w):
+        return v
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+    return global_value(v).narrow(0, offset[dim], shape[dim])
 
 
 def _deepspeed_stage(strategy: Any) -> str:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightreg._checks import check_int
-from lightreg.distributed import replicate
+from lightreg.distributed import local_groups, local_tensor, replicate
 from lightreg.penalties import Penalty
 
 
@@ -59,6 +59,7 @@ class GroupLasso(Penalty):
         return math.sqrt(w.numel() // max(w.shape[self.dim], 1)) if w.numel() else 0.0
 
     def _broadcast(self, v: Tensor, w: Tensor) -> Tensor:
+        v = local_groups(v, w, self.dim % w.ndim)  # FSDP2: this rank's groups, to scale its local shard
         shape = [1] * w.ndim
         shape[self.dim % w.ndim] = -1
         return v.view(shape)
@@ -73,10 +74,10 @@ class GroupLasso(Penalty):
         return torch.where(norms > 0, (s * self._group_scale(w)) / norms, torch.zeros_like(norms))
 
     def _grad_one(self, g: Tensor, w: Tensor, alpha: float) -> None:
-        g.addcmul_(w, self._broadcast(self._coefficient(w, alpha), w))
+        local_tensor(g).addcmul_(local_tensor(w), self._broadcast(self._coefficient(w, alpha), w))
 
     def _decay_one(self, w: Tensor, s: float) -> None:
-        w.mul_(self._broadcast(1.0 - self._coefficient(w, s), w))
+        local_tensor(w).mul_(self._broadcast(1.0 - self._coefficient(w, s), w))
 
     def _prox_one(self, w: Tensor, s: float) -> None:
-        w.mul_(self._broadcast((1.0 - self._coefficient(w, s)).clamp_(min=0.0), w))
+        local_tensor(w).mul_(self._broadcast((1.0 - self._coefficient(w, s)).clamp_(min=0.0), w))

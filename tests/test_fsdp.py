@@ -1,0 +1,95 @@
+"""FSDP2 on CPU: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``fully_shard``, gloo.
+
+Parameters are ``DTensor``s sharded by rows; ``net.3.weight`` (1, 16) lives wholly on rank 0, so rank 1
+holds an empty shard. Every penalty in every mode must equal one process on the global batch; GroupLasso
+with ``dim=1`` has every group split across the ranks, so its norms need the cross-rank reduction. The
+penalty value the Regularizer reports must be the global one on every rank, and names must be the
+user's. FSDP1 (``FSDPStrategy``) and DeepSpeed are refused: see ``test_strategy_refusals.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightreg import L1, Regularizer
+from lightreg.distributed import is_dtensor
+from tests._parity import N, assert_same, table, train
+from tests._spawn import run_on_ranks
+from tests.models import TinyNet, loader, regression_data, trainer
+
+pytestmark = pytest.mark.slow
+
+KEYS = table(["l1", "l2", "en", "gl0", "gl1"])
+
+
+class ShardedNet(TinyNet):
+    """TinyNet with each Linear, then the whole MLP, wrapped by ``fully_shard`` on the data-parallel mesh."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net[3], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def _fsdp(**kw):
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    return dict(strategy=strategy, devices=2, **kw)
+
+
+def _fsdp_worker(rank: int) -> dict:
+    out = {key: train(key, batch_size=N // 2, model_cls=ShardedNet, **_fsdp()) for key in KEYS}
+    out["accumulate"] = train("en-proximal", batch_size=N // 4, accumulate=2, model_cls=ShardedNet, **_fsdp())
+    # Names, binding and the parameters' type as the Regularizer sees them at fit start.
+    x, y = regression_data(n=N)
+    reg = Regularizer(L1(0.1), include=["net.0.*", "net.3.weight"], exclude="net.0.bias")
+    model = ShardedNet(lr=0.05)
+    trainer(max_steps=1, callbacks=[reg], **_fsdp()).fit(model, loader(x, y, batch_size=N // 2))
+    out["names"] = [n for t in reg._targets for n in t.names]
+    out["dtensor"] = [is_dtensor(p) for t in reg._targets for p in t.params]
+    out["bound_to_optimizer"] = all(any(p is q for q in t.group["params"]) for t in reg._targets for p in t.params)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    return run_on_ranks(_fsdp_worker, tmp_path_factory.mktemp("fsdp"))
+
+
+@pytest.mark.parametrize("key", [*KEYS, "accumulate"])
+def test_fsdp2_equals_one_process(fsdp_runs, key):
+    rank0, rank1 = fsdp_runs[0][key], fsdp_runs[1][key]
+    # Really sharded: rank 1 holds nothing of net.3.weight, and the two ranks split net.0.weight.
+    assert rank1["local_numel"]["net.3.weight"] == 0 and rank0["local_numel"]["net.3.weight"] == 16
+    assert rank0["local_numel"]["net.0.weight"] + rank1["local_numel"]["net.0.weight"] == 16 * 8
+    assert_same(rank0["weights"], rank1["weights"], tol=0.0)
+    single = train(key if key != "accumulate" else "en-proximal", batch_size=N)
+    assert_same(rank0["weights"], single["weights"])
+    assert rank0["names"] == single["names"] == ["net.0.weight", "net.3.weight"]
+    # R(w) reported on each rank is the global value, not the shard's.
+    for rank in (rank0, rank1):
+        assert rank["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
+        assert rank["steps_applied"] == single["steps_applied"]
+
+
+def test_fsdp2_names_and_binding(fsdp_runs):
+    for rank in fsdp_runs:
+        assert rank["names"] == ["net.0.weight", "net.3.weight"]
+        assert rank["dtensor"] == [True, True]
+        assert rank["bound_to_optimizer"]
+
+
+def test_group_lasso_split_group_norms_match_unsharded(fsdp_runs):
+    """The group-norm fix matters: the same value from partial norms would be visibly off."""
+    from lightreg import GroupLasso
+
+    single = train("gl1-proximal", batch_size=N)
+    w = single["weights"]["net.0.weight"]
+    exact = 0.2 * (16 ** 0.5) * torch.linalg.vector_norm(w, dim=0).sum()
+    assert GroupLasso(0.2, dim=1).value(w, 0.2) == pytest.approx(float(exact), rel=1e-12)
+    assert fsdp_runs[0]["gl1-proximal"]["metrics"]["reg/group_lasso/penalty"] == pytest.approx(
+        single["metrics"]["reg/group_lasso/penalty"], rel=1e-12)
