@@ -1,0 +1,6 @@
+"""``python -m lightreg``: the same as the ``lightreg-train`` console script."""
+
+if __name__ == "__main__":
+    from lightreg.app.train import main
+
+    main()
