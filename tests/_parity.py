@@ -7,8 +7,12 @@ only difference is the order of floating-point sums (~1e-16 relative).
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from lightreg import L1, L2, ElasticNet, GroupLasso, Regularizer
 from lightreg.distributed import global_value, local_tensor
@@ -25,6 +29,15 @@ PENALTIES = {
     "gl1": lambda: GroupLasso(0.2, dim=1),  # columns: every group split across the ranks under FSDP2
 }
 OPTIMIZER = {"gradient": "sgd", "decoupled": "adam", "proximal": "sgd"}
+
+
+class TwoGroupNet(TinyNet):
+    """TinyNet with one param group per Linear, at different learning rates (the penalty must use each)."""
+
+    def configure_optimizers(self):
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[self.optimizer]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("net.0.")]
+        return cls([{"params": list(self.net[0].parameters()), "lr": 0.02}, {"params": rest, "lr": 0.1}])
 
 
 def table(penalties: list[str]) -> list[str]:
@@ -47,8 +60,13 @@ class Snapshot(Callback):
 
 
 def train(key: str, *, batch_size: int, model_cls=TinyNet, accumulate: int = 1, clip: float | None = None,
-          extra_callbacks=(), **trainer_kwargs) -> dict:
-    """Train the table entry ``key`` (``"<penalty>-<mode>"``, or ``"none"``) and return its :class:`Snapshot`."""
+          extra_callbacks=(), log_dir: Path | None = None, **trainer_kwargs) -> dict:
+    """Train the table entry ``key`` (``"<penalty>-<mode>"``, or ``"none"``) and return its :class:`Snapshot`.
+
+    With ``log_dir``, a ``CSVLogger`` logs every step and ``out["logged"]`` holds the ``reg/`` rows it wrote.
+    """
+    if log_dir is not None:
+        trainer_kwargs.update(logger=CSVLogger(log_dir, name=key, version=0), log_every_n_steps=1)
     x, y = regression_data(n=N, d=D)
     regs = []
     if key != "none":
@@ -59,6 +77,11 @@ def train(key: str, *, batch_size: int, model_cls=TinyNet, accumulate: int = 1, 
     snap = Snapshot(regs)
     trainer(max_epochs=EPOCHS, callbacks=[*regs, snap, *extra_callbacks], accumulate_grad_batches=accumulate,
             gradient_clip_val=clip, **trainer_kwargs).fit(model, loader(x, y, batch_size=batch_size))
+    if log_dir is not None and model.global_rank == 0:
+        with open(Path(log_dir) / key / "version_0" / "metrics.csv") as f:
+            snap.out["logged"] = [{k: float(v) for k, v in row.items() if k.startswith("reg/") and v}
+                                  for row in csv.DictReader(f)]
+        snap.out["logged"] = [row for row in snap.out["logged"] if row]
     return snap.out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from lightning.pytorch.strategies import DDPStrategy
 
-from tests._parity import N, assert_same, table, train
+from tests._parity import N, TwoGroupNet, assert_same, table, train
 from tests._spawn import run_on_ranks
 
 pytestmark = pytest.mark.slow
@@ -21,19 +21,25 @@ EXTRA = {"accumulate": ("l1-gradient", N // 4, 2, None), "clip": ("en-gradient",
          "accumulate-prox": ("en-proximal", N // 4, 2, None)}
 
 
-def _ddp_worker(rank: int) -> dict:
+LOGGED = "en-proximal"
+
+
+def _ddp_worker(rank: int, log_dir) -> dict:
     def ddp(**kw):
         return dict(strategy=DDPStrategy(process_group_backend="gloo"), devices=2, **kw)
 
     out = {key: train(key, batch_size=N // 2, **ddp()) for key in KEYS}
     for name, (key, batch, accumulate, clip) in EXTRA.items():
         out[name] = train(key, batch_size=batch, accumulate=accumulate, clip=clip, **ddp())
+    out["groups"] = train("l1-proximal", batch_size=N // 2, model_cls=TwoGroupNet, **ddp())
+    out["logged"] = train(LOGGED, batch_size=N // 2, log_dir=log_dir, **ddp())
     return out
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    return run_on_ranks(_ddp_worker, tmp_path_factory.mktemp("ddp"))
+    out = tmp_path_factory.mktemp("ddp")
+    return run_on_ranks(_ddp_worker, out, out / "logs")
 
 
 @pytest.mark.parametrize("key", KEYS + list(EXTRA))
@@ -58,3 +64,15 @@ def test_ddp_clipping_was_active(ddp_runs):
     clipped = ddp_runs[0]["clip"]
     diff = max((clipped["weights"][n] - unclipped["weights"][n]).abs().max().item() for n in clipped["names"])
     assert diff > 1e-4
+
+
+def test_ddp_param_groups_and_logged_penalty(ddp_runs, tmp_path):
+    single = train("l1-proximal", batch_size=N, model_cls=TwoGroupNet)
+    for rank in ddp_runs:
+        assert_same(rank["groups"]["weights"], single["weights"])
+    logged_single = train(LOGGED, batch_size=N, log_dir=tmp_path)["logged"]
+    logged = ddp_runs[0]["logged"]["logged"]
+    assert len(logged) == len(logged_single) >= 4
+    for row, expected in zip(logged, logged_single, strict=True):
+        assert row == pytest.approx(expected, rel=1e-12)
+    assert "logged" not in ddp_runs[1]["logged"]  # only rank zero wrote a log

@@ -15,13 +15,15 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightreg import L1, Regularizer
 from lightreg.distributed import is_dtensor
-from tests._parity import N, assert_same, table, train
+from tests._parity import N, TwoGroupNet, assert_same, table, train
 from tests._spawn import run_on_ranks
 from tests.models import TinyNet, loader, regression_data, trainer
 
 pytestmark = pytest.mark.slow
 
 KEYS = table(["l1", "l2", "en", "gl0", "gl1"])
+GROUP_KEYS = ["l1-proximal", "en-decoupled"]
+LOGGED = "gl1-proximal"
 
 
 class ShardedNet(TinyNet):
@@ -36,14 +38,22 @@ class ShardedNet(TinyNet):
         fully_shard(self.net, mesh=mesh)
 
 
+class ShardedTwoGroupNet(ShardedNet, TwoGroupNet):
+    """Sharded, with one optimizer param group per Linear at different learning rates."""
+
+
 def _fsdp(**kw):
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
     return dict(strategy=strategy, devices=2, **kw)
 
 
-def _fsdp_worker(rank: int) -> dict:
+def _fsdp_worker(rank: int, log_dir) -> dict:
     out = {key: train(key, batch_size=N // 2, model_cls=ShardedNet, **_fsdp()) for key in KEYS}
     out["accumulate"] = train("en-proximal", batch_size=N // 4, accumulate=2, model_cls=ShardedNet, **_fsdp())
+    for key in GROUP_KEYS:
+        out[f"groups-{key}"] = train(key, batch_size=N // 2, model_cls=ShardedTwoGroupNet, **_fsdp())
+    # Logged through a real logger: every rank takes part in the penalty's reduction on log steps.
+    out["logged"] = train(LOGGED, batch_size=N // 2, model_cls=ShardedNet, log_dir=log_dir, **_fsdp())
     # Names, binding and the parameters' type as the Regularizer sees them at fit start.
     x, y = regression_data(n=N)
     reg = Regularizer(L1(0.1), include=["net.0.*", "net.3.weight"], exclude="net.0.bias")
@@ -57,7 +67,8 @@ def _fsdp_worker(rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
-    return run_on_ranks(_fsdp_worker, tmp_path_factory.mktemp("fsdp"))
+    out = tmp_path_factory.mktemp("fsdp")
+    return run_on_ranks(_fsdp_worker, out, out / "logs")
 
 
 @pytest.mark.parametrize("key", [*KEYS, "accumulate"])
@@ -93,3 +104,21 @@ def test_group_lasso_split_group_norms_match_unsharded(fsdp_runs):
     assert GroupLasso(0.2, dim=1).value(w, 0.2) == pytest.approx(float(exact), rel=1e-12)
     assert fsdp_runs[0]["gl1-proximal"]["metrics"]["reg/group_lasso/penalty"] == pytest.approx(
         single["metrics"]["reg/group_lasso/penalty"], rel=1e-12)
+
+
+@pytest.mark.parametrize("key", GROUP_KEYS)
+def test_fsdp2_param_groups_use_their_own_lr(fsdp_runs, key):
+    single = train(key, batch_size=N, model_cls=TwoGroupNet)
+    plain_lr = train(key, batch_size=N)  # one group: the two-group run must differ from it
+    for rank in fsdp_runs:
+        assert_same(rank[f"groups-{key}"]["weights"], single["weights"])
+    assert (single["weights"]["net.0.weight"] - plain_lr["weights"]["net.0.weight"]).abs().max() > 1e-4
+
+
+def test_fsdp2_logged_penalty_is_global(fsdp_runs, tmp_path):
+    single = train(LOGGED, batch_size=N, log_dir=tmp_path)
+    logged = fsdp_runs[0]["logged"]["logged"]
+    assert len(logged) == len(single["logged"]) >= 4
+    for row, expected in zip(logged, single["logged"], strict=True):
+        assert row.keys() == expected.keys() == {"reg/group_lasso/penalty", "reg/group_lasso/alpha"}
+        assert row == pytest.approx(expected, rel=1e-12)

@@ -85,3 +85,12 @@ def test_fsdp1_strategy_refused_on_gpu():
     with pytest.raises(ValueError, match=r"FSDPStrategy \(FSDP1\).*fully_shard"):
         trainer(accelerator="gpu", devices=1, strategy=FSDPStrategy(), max_steps=1,
                 callbacks=[Regularizer(L1(0.1))]).fit(model, loader(x, y))
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3"])
+def test_deepspeed_refused_on_gpu(strategy):
+    pytest.importorskip("deepspeed")
+    x, y = regression_data(n=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"DeepSpeedStrategy \(ZeRO stage [23]\)"):
+        trainer(accelerator="gpu", devices=1, strategy=strategy, max_steps=1,
+                callbacks=[Regularizer(L1(0.1))]).fit(TinyNet(dtype=torch.float32), loader(x, y))
