@@ -1,0 +1,108 @@
+"""The app's data, models and in-process runs: fast_dev_run per model x data pairing, metrics.json contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from sklearn.preprocessing import StandardScaler
+
+from lightreg.app.config import RunContext, config_dir, register_resolvers
+from lightreg.app.data import TabularData, sparse_linear_problem
+from lightreg.app.train import run, support_metrics, write_json_atomic
+
+PAIRINGS = [(m, d) for m in ("linear", "mlp") for d in ("digits", "breast_cancer", "diabetes", "synthetic")]
+PAIRINGS.append(("cnn", "digits"))  # the CNN needs images; the others are tables
+
+
+def compose_cfg(*overrides: str):
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", ["digits", "diabetes"])
+def test_split_is_standardised_with_training_statistics(name):
+    import sklearn.datasets
+
+    data = TabularData(name, seed=3)
+    loader = {"digits": sklearn.datasets.load_digits, "diabetes": sklearn.datasets.load_diabetes}[name]
+    x = loader().data
+    order = np.random.default_rng(3).permutation(len(x))
+    n_val = n_test = round(len(x) * 0.2)
+    train, val = x[order[n_val + n_test:]], x[order[:n_val]]
+    scaler = StandardScaler().fit(train)  # the oracle: scikit-learn's own scaler
+    np.testing.assert_allclose(data.splits["train"].tensors[0].numpy(), scaler.transform(train), atol=1e-5)
+    np.testing.assert_allclose(data.splits["val"].tensors[0].numpy(), scaler.transform(val), atol=1e-5)
+
+
+def test_synthetic_problem_has_the_stated_support():
+    x, y, support = sparse_linear_problem(200, 12, 3, noise=0.0, seed=1)
+    w, *_ = np.linalg.lstsq(x, y, rcond=None)  # noise-free: least squares recovers w exactly
+    assert np.flatnonzero(np.abs(w) > 1e-9).tolist() == np.flatnonzero(support).tolist()
+    assert np.all(np.abs(w[support]) >= 1.0) and np.all(np.abs(w[support]) <= 2.0)
+
+
+def test_support_metrics_count_nonzero_input_columns():
+    class Model:
+        def input_weight(self):
+            return torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0, 4.0]])
+
+    truth = np.array([True, True, False, False, False])  # columns 1, 3 and 4 are used; only 1 is right
+    m = support_metrics(Model(), truth)
+    assert (m["support/precision"], m["support/recall"], m["support/selected"]) == (1 / 3, 1 / 2, 3.0)
+    assert m["support/f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+
+
+def test_metrics_file_is_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"val/acc": 0.5})
+
+    def broken_dumps(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(json, "dumps", broken_dumps)
+    with pytest.raises(RuntimeError):
+        write_json_atomic(path, {"val/acc": 0.9})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"val/acc": 0.5}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("model, data", PAIRINGS)
+def test_fast_dev_run(model, data, tmp_path):
+    cfg = compose_cfg(f"model={model}", f"data={data}", "logger=none", "trainer.fast_dev_run=true",
+                      "progress_bar=false", "report=false")
+    metrics = run(cfg, RunContext(output_dir=tmp_path))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    score = "acc" if data in ("digits", "breast_cancer") else "mse"
+    assert {f"val/{score}", f"test/{score}", "val/loss", "test/loss", "weights/global/sparsity"} <= set(saved)
+    assert 0.0 <= saved["weights/global/sparsity"] <= 1.0
+    assert saved["trainer/global_step"] == 1.0
+    assert ("support/f1" in saved) == (data == "synthetic")
+
+
+def test_reported_sparsity_matches_the_final_weights(tmp_path):
+    cfg = compose_cfg("model=mlp", "data=breast_cancer", "penalty=l1", "penalty.alpha=0.05", "logger=csv",
+                      "trainer=debug", "monitor.every_n_steps=2", "progress_bar=false", "report=false")
+    metrics = run(cfg, RunContext(output_dir=tmp_path))
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    weights = {k: v for k, v in state.items() if k.startswith("net.") and v.ndim >= 2}
+    assert sorted(weights) == ["net.0.weight", "net.3.weight", "net.6.weight"]
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    assert zeros > 0  # the proximal L1 step made exact zeros
+    assert metrics["weights/global/sparsity"] == pytest.approx(zeros / total, abs=1e-12)
+    for name, w in weights.items():
+        assert metrics[f"weights/{name}/sparsity"] == pytest.approx(float((w == 0).double().mean()), abs=1e-12)
+    l1 = 0.05 * sum(float(w.abs().sum()) for w in weights.values())
+    assert metrics["reg/l1/penalty"] == pytest.approx(l1, rel=1e-5)
+    assert metrics["reg/l1/alpha"] == 0.05
+    csv_rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "weights/global/sparsity" in csv_rows and "reg/l1/penalty" in csv_rows
+    assert Path(tmp_path / "metrics.json").is_file()
