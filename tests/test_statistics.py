@@ -104,7 +104,7 @@ def test_low_precision_weights_accumulate_in_float32(dtype):
 
 def test_empty_and_scalar_tensors():
     table = partial_sums([torch.zeros(0, 3), torch.tensor(2.0)], linf=True, structured=True)
-    assert table[0].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0]
+    assert table[0].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 3.0]  # columns of nothing: vacuously zero
     assert table[1, COLUMNS.index("max_abs")].item() == 2.0
     assert partial_sums([]).shape == (0, len(COLUMNS))
 
@@ -139,3 +139,21 @@ def test_sparsity_report_rows_and_printed_table(capsys, monkeypatch):
     assert "0.weight" in out and "33.3% (1/3)" in out and "25.0% (1/4)" in out and "total" in out
     with pytest.raises(ValueError, match="include pattern 'nope'"):
         sparsity_report(model, include="nope")
+
+
+def test_nan_counts_as_non_zero_like_count_nonzero():
+    w = torch.tensor([[float("nan"), 0.0], [0.0, 1.0]])
+    row = dict(zip(COLUMNS, partial_sums([w], structured=True).tolist()[0], strict=True))
+    assert row["zeros"] == w.numel() - torch.count_nonzero(w).item() == 2
+    assert (row["dead_rows"], row["dead_cols"]) == (0, 0)
+
+
+def test_one_scratch_buffer_serves_tensors_of_several_shapes_and_dtypes():
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(7, 3, generator=g), torch.randn(2, 40, generator=g).double(), torch.randn(5, 2, generator=g)]
+    tensors[0][2] = 0
+    tensors[2][:, 1] = 0
+    together = partial_sums(tensors, near_zero=True, linf=True, structured=True)
+    alone = torch.cat([partial_sums([t], near_zero=True, linf=True, structured=True) for t in tensors])
+    assert torch.equal(together, alone)
+    assert together[0, COLUMNS.index("dead_rows")] == 1 and together[2, COLUMNS.index("dead_cols")] == 1
