@@ -14,7 +14,8 @@ from torch import Tensor
 from lightreg._checks import check_int, check_patterns, check_real
 from lightreg.emit import log_scalars
 from lightreg.selection import select_parameters
-from lightreg.statistics import EXTRAS, figure_names, figures, global_sparsity, is_dtensor, reduce_partial_sums
+from lightreg.distributed import is_dtensor
+from lightreg.statistics import EXTRAS, figure_names, figures, global_sparsity, reduce_partial_sums
 
 
 def check_extras(extras: object) -> tuple[str, ...]:

@@ -4,14 +4,15 @@ A logging step works in two stages so that sharded tensors come out exact:
 
 1. ``partial_sums`` (or ``reduce_partial_sums`` for ``DTensor`` shards) stacks, for every tensor, the
    additive pieces ``[Σ|w|, Σw², #zeros, numel, #|w|<=eps, max|w|, #dead rows, #dead cols, rows, cols]``
-   into ONE float64 tensor on the tensors' device. Sums and counts add across shards, ``max|w|``
-   takes a max; nothing is formed from a shard's own figure.
+   into ONE float64 tensor on the tensors' device. Across shards sums and counts add, ``max|w|`` takes
+   a max, and a row/column is dead when its ``max|w|`` is 0 on every rank; nothing is formed from a
+   shard's own figure.
 2. ``figures`` turns (reduced) partial sums into ``l1 = Σ|w|``, ``l2 = √Σw²``, ``sparsity = #zeros/numel``,
    ``near_zero = #|w|<=eps / numel``, ``linf = max|w|``, ``dead_rows = #all-zero rows / rows`` and
    ``dead_cols = #all-zero columns / cols``.
 
 Rows are slices along dim 0 (output units, conv filters), columns slices along dim 1 (input features,
-input channels). No temporary is larger than one tensor, no value crosses to the host here.
+input channels). No temporary is larger than the largest tensor, no value crosses to the host here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from lightreg.distributed import is_dtensor
 
 #: Column order of the partial-sum table.
 COLUMNS = ("abs_sum", "sq_sum", "zeros", "numel", "near_zero", "max_abs", "dead_rows", "dead_cols", "rows", "cols")
@@ -162,14 +165,8 @@ def figure_names(extras: Sequence[str] = ()) -> tuple[str, ...]:
         >>> figure_names(["linf", "structured"])
         ('l1', 'l2', 'sparsity', 'linf', 'dead_rows', 'dead_cols')
     """
-    names = ["l1", "l2", "sparsity"]
-    if "near_zero" in extras:
-        names.append("near_zero")
-    if "linf" in extras:
-        names.append("linf")
-    if "structured" in extras:
-        names += ["dead_rows", "dead_cols"]
-    return tuple(names)
+    wanted = {"l1", "l2", "sparsity", *extras} | ({"dead_rows", "dead_cols"} if "structured" in extras else set())
+    return tuple(name for name in FIGURES if name in wanted)
 
 
 def global_sparsity(partials: Tensor) -> Tensor:
@@ -183,15 +180,6 @@ def global_sparsity(partials: Tensor) -> Tensor:
 
 
 # ---- sharded tensors ---------------------------------------------------------------------------
-def is_dtensor(t: Tensor) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallel)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _contributes(name: str, t: Tensor, rank: int, world: int) -> bool:
     """Whether this rank's copy of ``t`` enters the sums: each element must be counted exactly once.
 
