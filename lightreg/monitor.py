@@ -14,7 +14,7 @@ from torch import Tensor
 from lightreg._checks import check_int, check_patterns, check_real
 from lightreg.emit import log_scalars
 from lightreg.selection import select_parameters
-from lightreg.distributed import is_dtensor
+from lightreg.distributed import check_model, is_dtensor
 from lightreg.statistics import EXTRAS, figure_names, figures, global_sparsity, reduce_partial_sums
 
 
@@ -122,6 +122,7 @@ class WeightMonitor(Callback):
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_flat_shards(trainer)
+        check_model(pl_module, "WeightMonitor")  # FSDP1 or ZeRO parameters wrapped by hand
         selected = select_parameters(pl_module, self.include, self.exclude)
         self.names = [name for name, _ in selected]
         self.params = [param for _, param in selected]
