@@ -60,20 +60,20 @@ class Snapshot(Callback):
 
 
 def train(key: str, *, batch_size: int, model_cls=TinyNet, accumulate: int = 1, clip: float | None = None,
-          extra_callbacks=(), log_dir: Path | None = None, **trainer_kwargs) -> dict:
+          extra_callbacks=(), log_dir: Path | None = None, dtype=torch.float64, **trainer_kwargs) -> dict:
     """Train the table entry ``key`` (``"<penalty>-<mode>"``, or ``"none"``) and return its :class:`Snapshot`.
 
     With ``log_dir``, a ``CSVLogger`` logs every step and ``out["logged"]`` holds the ``reg/`` rows it wrote.
     """
     if log_dir is not None:
         trainer_kwargs.update(logger=CSVLogger(log_dir, name=key, version=0), log_every_n_steps=1)
-    x, y = regression_data(n=N, d=D)
+    x, y = regression_data(n=N, d=D, dtype=dtype)
     regs = []
     if key != "none":
         penalty, mode = key.split("-")
         regs = [Regularizer(PENALTIES[penalty](), mode=mode)]
     optimizer = OPTIMIZER[key.split("-")[1]] if key != "none" else "sgd"
-    model = model_cls(d=D, optimizer=optimizer, lr=0.05)
+    model = model_cls(d=D, optimizer=optimizer, lr=0.05, dtype=dtype)
     snap = Snapshot(regs)
     trainer(max_epochs=EPOCHS, callbacks=[*regs, snap, *extra_callbacks], accumulate_grad_batches=accumulate,
             gradient_clip_val=clip, **trainer_kwargs).fit(model, loader(x, y, batch_size=batch_size))

@@ -18,7 +18,7 @@ KEYS = table(["l1", "l2", "en", "gl1"])
 # (key, per-rank batch, accumulate, clip): the penalty must enter once per optimizer step on the synced
 # gradient, and norm clipping must see it as if it were in the loss.
 EXTRA = {"accumulate": ("l1-gradient", N // 4, 2, None), "clip": ("en-gradient", N // 2, 1, 0.05),
-         "accumulate-prox": ("en-proximal", N // 4, 2, None)}
+         "accumulate-prox": ("en-proximal", N // 4, 2, None), "accumulate-decoupled": ("l2-decoupled", N // 4, 2, None)}
 
 
 LOGGED = "en-proximal"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, Regularizer
 from lightreg.distributed import is_dtensor
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 KEYS = table(["l1", "l2", "en", "gl0", "gl1"])
 GROUP_KEYS = ["l1-proximal", "en-decoupled"]
 LOGGED = "gl1-proximal"
+BF16 = "en-gradient"
 
 
 class ShardedNet(TinyNet):
@@ -52,6 +53,12 @@ def _fsdp_worker(rank: int, log_dir) -> dict:
     out["accumulate"] = train("en-proximal", batch_size=N // 4, accumulate=2, model_cls=ShardedNet, **_fsdp())
     for key in GROUP_KEYS:
         out[f"groups-{key}"] = train(key, batch_size=N // 2, model_cls=ShardedTwoGroupNet, **_fsdp())
+    # bf16 autocast on the shards' float32 weights (ModelParallelStrategy's supported mixed precision).
+    out["bf16"] = train(BF16, batch_size=N // 2, model_cls=ShardedNet, dtype=torch.float32, precision="bf16-mixed",
+                        **_fsdp())
+    # Its oracle: DDP, whose ranks compute the same bf16-rounded half-batch gradients (float64 DDP = one process).
+    out["bf16-ddp"] = train(BF16, batch_size=N // 2, dtype=torch.float32, precision="bf16-mixed", devices=2,
+                            strategy=DDPStrategy(process_group_backend="gloo"))
     # Logged through a real logger: every rank takes part in the penalty's reduction on log steps.
     out["logged"] = train(LOGGED, batch_size=N // 2, model_cls=ShardedNet, log_dir=log_dir, **_fsdp())
     # Names, binding and the parameters' type as the Regularizer sees them at fit start.
@@ -122,3 +129,13 @@ def test_fsdp2_logged_penalty_is_global(fsdp_runs, tmp_path):
     for row, expected in zip(logged, single["logged"], strict=True):
         assert row.keys() == expected.keys() == {"reg/group_lasso/penalty", "reg/group_lasso/alpha"}
         assert row == pytest.approx(expected, rel=1e-12)
+
+
+def test_fsdp2_bf16_mixed(fsdp_runs):
+    # bf16 rounds each rank's half-batch gradient, so one process on the whole batch differs by ~1e-3;
+    # DDP computes exactly those half-batch gradients and averages them as FSDP2's reduce-scatter does.
+    for rank in fsdp_runs:
+        assert_same(rank["bf16"]["weights"], rank["bf16-ddp"]["weights"], tol=1e-6)
+        assert rank["bf16"]["metrics"] == pytest.approx(rank["bf16-ddp"]["metrics"], rel=1e-6)
+    fp32 = train(BF16, batch_size=N, dtype=torch.float32)
+    assert max((fsdp_runs[0]["bf16"]["weights"][n] - fp32["weights"][n]).abs().max().item() for n in fp32["names"]) > 1e-5
