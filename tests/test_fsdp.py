@@ -1,4 +1,4 @@
-"""FSDP2 on CPU: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``fully_shard``, gloo.
+"""FSDP2 on CPU: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``fully_shard``, gloo (and TP).
 
 Parameters are ``DTensor``s sharded by rows; ``net.3.weight`` (1, 16) lives wholly on rank 0, so rank 1
 holds an empty shard. Every penalty in every mode must equal one process on the global batch; GroupLasso
@@ -25,6 +25,7 @@ KEYS = table(["l1", "l2", "en", "gl0", "gl1"])
 GROUP_KEYS = ["l1-proximal", "en-decoupled"]
 LOGGED = "gl1-proximal"
 BF16 = "en-gradient"
+TP_KEYS = table(["l1", "en", "gl0", "gl1"])
 
 
 class ShardedNet(TinyNet):
@@ -37,6 +38,17 @@ class ShardedNet(TinyNet):
         fully_shard(self.net[0], mesh=mesh)
         fully_shard(self.net[3], mesh=mesh)
         fully_shard(self.net, mesh=mesh)
+
+
+class TensorParallelNet(TinyNet):
+    """Tensor parallel on 2 ranks: ``net.0.weight`` sharded by rows (Shard(0)), ``net.3.weight`` by columns (Shard(1))."""
+
+    def configure_model(self):
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(self.net, self.device_mesh["tensor_parallel"], {
+            "0": ColwiseParallel(output_layouts=Replicate()), "3": RowwiseParallel(input_layouts=Replicate())})
 
 
 class ShardedTwoGroupNet(ShardedNet, TwoGroupNet):
@@ -59,6 +71,10 @@ def _fsdp_worker(rank: int, log_dir) -> dict:
     # Its oracle: DDP, whose ranks compute the same bf16-rounded half-batch gradients (float64 DDP = one process).
     out["bf16-ddp"] = train(BF16, batch_size=N // 2, dtype=torch.float32, precision="bf16-mixed", devices=2,
                             strategy=DDPStrategy(process_group_backend="gloo"))
+    # Tensor parallel: every rank sees the whole batch; groups of dim 0 are split in net.3.weight (Shard(1)).
+    for key in TP_KEYS:
+        tp = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2, save_distributed_checkpoint=False)
+        out[f"tp-{key}"] = train(key, batch_size=N, model_cls=TensorParallelNet, strategy=tp, devices=2)
     # Logged through a real logger: every rank takes part in the penalty's reduction on log steps.
     out["logged"] = train(LOGGED, batch_size=N // 2, model_cls=ShardedNet, log_dir=log_dir, **_fsdp())
     # Names, binding and the parameters' type as the Regularizer sees them at fit start.
@@ -139,3 +155,14 @@ def test_fsdp2_bf16_mixed(fsdp_runs):
         assert rank["bf16"]["metrics"] == pytest.approx(rank["bf16-ddp"]["metrics"], rel=1e-6)
     fp32 = train(BF16, batch_size=N, dtype=torch.float32)
     assert max((fsdp_runs[0]["bf16"]["weights"][n] - fp32["weights"][n]).abs().max().item() for n in fp32["names"]) > 1e-5
+
+
+@pytest.mark.parametrize("key", TP_KEYS)
+def test_tensor_parallel_equals_one_process(fsdp_runs, key):
+    """The DTensor handling is placement-generic: column shards (Shard(1)) as well as FSDP2's row shards."""
+    single = train(key, batch_size=N)
+    for rank in fsdp_runs:
+        run = rank[f"tp-{key}"]
+        assert run["local_numel"]["net.3.weight"] == 8 and run["local_numel"]["net.0.weight"] == 64
+        assert_same(run["weights"], single["weights"])
+        assert run["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
