@@ -100,8 +100,10 @@ class TaskModel(pl.LightningModule):
         mesh = self.device_mesh
         if mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if isinstance(self.net, FSDPModule):  # fit sharded it already; test calls this hook again
+            return
         dp_mesh = mesh["data_parallel"]
         for module in self.net.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
