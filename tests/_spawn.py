@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,20 @@ def _entry(rank: int, fn: Callable[..., dict], world_size: int, port: int, out: 
         torch.distributed.destroy_process_group()
 
 
-def run_on_ranks(fn: Callable[..., dict], out: Path, *args: Any, world_size: int = 2) -> list[dict]:
+def run_on_ranks(fn: Callable[..., dict], out: Path, *args: Any, world_size: int = 2, timeout: float = 300.0) -> list[dict]:
     """Call ``fn(rank, *args)`` on ``world_size`` spawned processes; return each rank's returned dict.
 
     ``fn`` must be importable (a module-level function) and return something ``torch.save`` can write.
+    A rank that raises fails the call with its traceback; ranks still running after ``timeout`` seconds
+    (a collective one rank never joined) are terminated and ``TimeoutError`` is raised, so CI never hangs.
     """
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_entry, args=(fn, world_size, free_port(), str(out), args), nprocs=world_size, join=True)
+    context = mp.spawn(_entry, args=(fn, world_size, free_port(), str(out), args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            raise TimeoutError(f"{fn.__name__} on {world_size} ranks ran past {timeout:.0f}s (a rank is stuck)")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
