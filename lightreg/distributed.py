@@ -10,10 +10,13 @@ which ``DTensor`` performs when asked for a replicated or full value. Two ``DTen
   placement and then reduces it as a norm again, which is wrong (``sum_g sqrt(sum_r x_rg)`` is not
   ``sqrt(sum_r sum_g x_rg)``). :func:`replicate` resolves the partial value first.
 * reading a value on the host needs every rank to take part: :func:`global_value` is a collective.
+* an in-place update by a per-group factor (``GroupLasso``) has no placement-preserving ``DTensor``
+  rule when groups run across the shards: it is done on :func:`local_tensor` with the shard's slice
+  of the (global) factors, :func:`local_groups`.
 
-FSDP1 (``FSDPStrategy``) and DeepSpeed keep parameters as flat 1-D shards (or placeholders) and own
-copies of the weights and gradients, so penalties written against the module's tensors would be silently
-wrong there: :func:`check_strategy` refuses them before any weight changes.
+FSDP1 (``FSDPStrategy``) turns parameters into flat 1-D shards without their shapes, and DeepSpeed keeps
+its own partitioned copies of the weights and gradients: penalties written against the module's tensors
+would be silently wrong there, so :func:`check_strategy` and :func:`check_model` refuse them at fit start.
 """
 
 from __future__ import annotations
