@@ -75,6 +75,8 @@ class Penalty:
     """
 
     name = "penalty"
+    #: ``R`` is a sum of per-element terms, so every operation may act on each shard of a sharded tensor alone.
+    elementwise = False
 
     def __init__(self, alpha: float) -> None:
         self.alpha = check_real("alpha", alpha)
@@ -173,6 +175,7 @@ class L1(Penalty):
     """
 
     name = "l1"
+    elementwise = True
 
     def value(self, w: Tensor, alpha: float) -> Tensor:
         return alpha * _l1_norm(w)
@@ -216,6 +219,7 @@ class L2(Penalty):
     """
 
     name = "l2"
+    elementwise = True
 
     @property
     def l2_part(self) -> bool:
@@ -275,6 +279,7 @@ class ElasticNet(Penalty):
     """
 
     name = "elastic_net"
+    elementwise = True
 
     def __init__(self, alpha: float, l1_ratio: float = 0.5) -> None:
         super().__init__(alpha)

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightreg._checks import check_patterns
-from lightreg.distributed import check_model, check_strategy, sum_values
+from lightreg.distributed import check_model, check_strategy, local_tensor, sum_values
 from lightreg.emit import is_log_step, log_scalars
 from lightreg.penalties import Penalty
 from lightreg.schedules import scheduled_factor
@@ -191,19 +191,19 @@ class Regularizer(Callback):
             pairs = [(p.grad, p) for p in target.params if p.grad is not None]
             if pairs:
                 grads, params = zip(*pairs, strict=True)
-                self.penalty.add_grad_(grads, params, alpha)
+                self.penalty.add_grad_(self._operands(grads), self._operands(params), alpha)
 
     @torch.no_grad()
     def apply_decoupled(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w -= lr * ∇R(w)`` with each param group's ``lr``."""
         for target in self._targets_of(optimizer):
-            self.penalty.decay_(target.params, _lr(target.group), alpha)
+            self.penalty.decay_(self._operands(target.params), _lr(target.group), alpha)
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w <- prox_{lr R}(w)`` with each param group's ``lr``."""
         for target in self._targets_of(optimizer):
-            self.penalty.prox_(target.params, _lr(target.group), alpha)
+            self.penalty.prox_(self._operands(target.params), _lr(target.group), alpha)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Tensor | float]:
@@ -213,6 +213,10 @@ class Regularizer(Callback):
         return {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _operands(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        # An elementwise penalty acts on each FSDP2 shard alone: no DTensor dispatch, and the foreach path applies.
+        return [local_tensor(t) for t in tensors] if self.penalty.elementwise else list(tensors)
+
     def _targets_of(self, optimizer: torch.optim.Optimizer) -> list[ParamGroupTarget]:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
         return [target for target in self._targets if target.optimizer is optimizer]
