@@ -62,18 +62,26 @@ class _Nested(Callback):
             pass
 
 
-def test_instrument_times_the_outermost_call_once(bench):
-    probe = bench.Probe(clock=__import__("time").thread_time, device=torch.device("cpu"), first_timed=2, memory=False)
-    model = bench.BenchModule(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 10)))
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randint(0, 10, (24,))), batch_size=4)
-    trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[bench.StepTimer(probe), bench.instrument(_Nested(), probe)])
+def test_interleaved_fit_times_each_configuration_on_its_own_steps(bench):
+    """Two configurations share one fit; the busy callback runs, and is timed, only on its own steps."""
+    plan = bench.make_plan(["none", "busy"], warmup=1, cycles=5)
+    assert plan[0] == "none" and sorted(plan[1:]) == ["busy"] * 5 + ["none"] * 5
+    probe = bench.Probe(plan=plan, first_timed=3)
+    model = bench.BenchModule(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 10)), probe)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(4 * len(plan), 4), torch.randint(0, 10, (4 * len(plan),))), batch_size=4)
+    busy = bench.instrument(_Nested(), "busy", probe)
+    trainer = pl.Trainer(max_steps=len(plan), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[bench.StepTimer(probe), busy])
     trainer.fit(model, data)
-    assert _Nested.calls == 6
-    assert len(probe.hooks) == len(probe.steps) == 4  # steps 2..5
-    for hook, step in zip(probe.hooks, probe.steps):
+    assert _Nested.calls == 5  # never on the plain steps
+    timed = plan[3:]
+    assert len(probe.steps["busy"]) == timed.count("busy") and len(probe.steps["none"]) == timed.count("none")
+    for hook, step in zip(probe.hooks["busy"], probe.steps["busy"]):
         assert 0.004 <= hook < 0.008  # counted once, not once more for _work inside on_train_batch_end
         assert hook <= step
+    assert probe.hooks["none"] == [0.0] * timed.count("none")
+    assert min(probe.steps["busy"]) > max(probe.steps["none"])
 
 
 def test_quick_run_end_to_end(bench, tmp_path):
