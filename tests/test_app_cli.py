@@ -137,13 +137,20 @@ def test_bad_input_gives_a_short_message_and_no_metrics(args, expected, tmp_path
 
 
 @pytest.mark.slow
-def test_ddp_cpu_end_to_end(tmp_path):
-    result = lightreg_train("strategy=ddp_cpu", "logger=csv", f"hydra.run.dir={tmp_path}", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert {"val/acc", "test/acc", "weights/global/sparsity"} <= set(metrics)
-    assert metrics["trainer/global_step"] == 6.0  # 2 epochs x 3 batches, each rank on its half of every batch
-    assert (tmp_path / "train_ddp_process_1.log").is_file()  # rank 1 re-ran the same single job
+def test_ddp_cpu_and_fsdp2_cpu_end_to_end_agree(tmp_path):
+    results = {}
+    for strategy in ("ddp_cpu", "fsdp2_cpu"):
+        out = tmp_path / strategy
+        result = lightreg_train(f"strategy={strategy}", "logger=csv", f"hydra.run.dir={out}", *FAST)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (out / "train_ddp_process_1.log").is_file()  # rank 1 re-ran the same single job, not a sweep
+        results[strategy] = json.loads((out / "metrics.json").read_text())
+    ddp, fsdp2 = results["ddp_cpu"], results["fsdp2_cpu"]
+    assert ddp["trainer/global_step"] == 6.0  # 2 epochs x 3 batches, each rank on its half of every batch
+    assert ddp["weights/global/sparsity"] > 0
+    # Sharded (DTensor) or replicated parameters: the same training, the same final figures.
+    for key in ("val/loss", "test/loss", "weights/global/sparsity", "weights/net.0.weight/sparsity", "trainer/global_step"):
+        assert fsdp2[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow
