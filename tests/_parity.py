@@ -60,7 +60,7 @@ class Snapshot(Callback):
 
 
 def train(key: str, *, batch_size: int, model_cls=TinyNet, accumulate: int = 1, clip: float | None = None,
-          extra_callbacks=(), log_dir: Path | None = None, dtype=torch.float64, **trainer_kwargs) -> dict:
+          extra_callbacks=(), log_dir: Path | None = None, dtype=torch.float64, include=None, **trainer_kwargs) -> dict:
     """Train the table entry ``key`` (``"<penalty>-<mode>"``, or ``"none"``) and return its :class:`Snapshot`.
 
     With ``log_dir``, a ``CSVLogger`` logs every step and ``out["logged"]`` holds the ``reg/`` rows it wrote.
@@ -71,7 +71,7 @@ def train(key: str, *, batch_size: int, model_cls=TinyNet, accumulate: int = 1, 
     regs = []
     if key != "none":
         penalty, mode = key.split("-")
-        regs = [Regularizer(PENALTIES[penalty](), mode=mode)]
+        regs = [Regularizer(PENALTIES[penalty](), mode=mode, include=include)]
     optimizer = OPTIMIZER[key.split("-")[1]] if key != "none" else "sgd"
     model = model_cls(d=D, optimizer=optimizer, lr=0.05, dtype=dtype)
     snap = Snapshot(regs)

@@ -26,6 +26,7 @@ GROUP_KEYS = ["l1-proximal", "en-decoupled"]
 LOGGED = "gl1-proximal"
 BF16 = "en-gradient"
 TP_KEYS = table(["l1", "en", "gl0", "gl1"])
+ALL_PARAM_KEYS = ["gl0-proximal", "en-gradient"]
 
 
 class ShardedNet(TinyNet):
@@ -71,6 +72,9 @@ def _fsdp_worker(rank: int, log_dir) -> dict:
     # Its oracle: DDP, whose ranks compute the same bf16-rounded half-batch gradients (float64 DDP = one process).
     out["bf16-ddp"] = train(BF16, batch_size=N // 2, dtype=torch.float32, precision="bf16-mixed", devices=2,
                             strategy=DDPStrategy(process_group_backend="gloo"))
+    # Every parameter, 1-D ones too (net.3.bias: rank 1's shard is empty).
+    for key in ALL_PARAM_KEYS:
+        out[f"all-{key}"] = train(key, batch_size=N // 2, model_cls=ShardedNet, include="*", **_fsdp())
     # Tensor parallel: every rank sees the whole batch; groups of dim 0 are split in net.3.weight (Shard(1)).
     for key in TP_KEYS:
         tp = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2, save_distributed_checkpoint=False)
@@ -166,3 +170,13 @@ def test_tensor_parallel_equals_one_process(fsdp_runs, key):
         assert run["local_numel"]["net.3.weight"] == 8 and run["local_numel"]["net.0.weight"] == 64
         assert_same(run["weights"], single["weights"])
         assert run["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
+
+
+@pytest.mark.parametrize("key", ALL_PARAM_KEYS)
+def test_fsdp2_one_dimensional_and_empty_shards(fsdp_runs, key):
+    single = train(key, batch_size=N, include="*")
+    assert len(single["names"]) == 6
+    assert fsdp_runs[1][f"all-{key}"]["local_numel"]["net.3.bias"] == 0
+    for rank in fsdp_runs:
+        assert_same(rank[f"all-{key}"]["weights"], single["weights"])
+        assert rank[f"all-{key}"]["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
