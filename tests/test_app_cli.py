@@ -172,3 +172,16 @@ def test_python_dash_m_lightreg_prints_the_composed_config(tmp_path):
     assert result.returncode == 0, result.stderr
     cfg = OmegaConf.create(result.stdout)
     assert cfg.penalty._target_ == "lightreg.L1" and cfg.model._target_ == "lightreg.app.models.MLP"
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "optuna"
+    result = lightreg_train("hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=none", "report=false",
+                            f"hydra.sweep.dir={sweep}", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = [json.loads((sweep / j / "metrics.json").read_text())["val/acc"] for j in ("0", "1")]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_value == pytest.approx(max(values))
+    assert 1e-6 <= best.best_params["penalty.alpha"] <= 1e-1
