@@ -185,3 +185,18 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.best_value == pytest.approx(max(values))
     assert 1e-6 <= best.best_params["penalty.alpha"] <= 1e-1
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_ships_conf(tmp_path):
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(site), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    conf = ROOT / "conf"
+    assert {p.relative_to(conf) for p in conf.rglob("*.yaml")} == {
+        p.relative_to(site / "lightreg" / "conf") for p in (site / "lightreg" / "conf").rglob("*.yaml")}
+    # Run from the install, outside the checkout: the app must find the installed copy.
+    found = subprocess.run([sys.executable, "-c", "from lightreg.app.config import config_dir; print(config_dir())"],
+                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    assert found.stdout.strip() == str(site / "lightreg" / "conf"), found.stderr
