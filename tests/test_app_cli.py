@@ -123,7 +123,7 @@ def test_bad_input_gives_a_short_message_and_no_metrics(args, expected, tmp_path
     from lightreg.app.train import main
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["lightreg-train", *args, "logger=none", f"hydra.run.dir={tmp_path}/run",
+    monkeypatch.setattr(sys, "argv", ["lightreg-train", *args, f"hydra.run.dir={tmp_path}/run",
                                       f"hydra.sweep.dir={tmp_path}/sweep",
                                       # Hydra's default logging would bind handlers to pytest's capture streams.
                                       "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
@@ -134,6 +134,7 @@ def test_bad_input_gives_a_short_message_and_no_metrics(args, expected, tmp_path
     assert expected in stderr
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 15, stderr
     assert not list(tmp_path.rglob("metrics.json"))
+    assert not list(tmp_path.rglob("offline-run-*"))  # refused before the W&B run (default logger) started
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 import lightreg
 from lightreg.app import build, models
 from lightreg.app.config import ConfigError, RunContext, alpha_from_log10, config_dir, register_resolvers
-from lightreg.app.tracking import build_logger, finish_wandb, wandb_mode
+from lightreg.app.tracking import build_logger, finish_wandb, log_config, wandb_mode
 
 CONF = Path(config_dir())
 GROUPS = ("data", "model", "penalty", "strategy", "logger", "trainer", "experiment", "hparams_search")
@@ -137,6 +137,7 @@ def test_logger_options(option, tmp_path):
     logger = build_logger(cfg.logger, cfg, ctx)
     expected = {"none": type(None), "csv": CSVLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLogger}[option]
     assert isinstance(logger, expected)
+    log_config(logger, cfg)
     if option == "wandb":
         run = logger.experiment
         assert run.settings.mode in ("offline", "dryrun")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +31,7 @@ def wandb_mode(offline: bool | None) -> str:
 
 
 def build_logger(node: DictConfig | None, cfg: DictConfig, ctx: RunContext) -> Logger | None:
-    """Instantiate ``cfg.logger`` into ``ctx.output_dir``; W&B gets mode, group, name, tags and the config."""
+    """Instantiate ``cfg.logger`` into ``ctx.output_dir``; W&B gets its mode, group, name and tags."""
     if node is None or node.get("_target_") is None:
         return None
     kwargs = OmegaConf.to_container(node, resolve=True)
@@ -53,9 +51,14 @@ def build_logger(node: DictConfig | None, cfg: DictConfig, ctx: RunContext) -> L
     kwargs["tags"] = [*choice_tags, *(kwargs.get("tags") or []), *(cfg.get("tags") or [])]
     kwargs["job_type"] = "sweep" if ctx.multirun else "train"
     # offline=False keeps Lightning from rewriting WANDB_MODE for the rest of the process; mode decides.
-    logger = instantiate(kwargs, offline=False, mode=mode)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the resolved config, on rank 0
-    return logger
+    return instantiate(kwargs, offline=False, mode=mode)
+
+
+def log_config(logger: Logger | None, cfg: DictConfig) -> None:
+    """Send the resolved config to the logger (rank 0). For W&B this starts the run, so it comes after
+    every configuration check: a refused configuration leaves no empty run behind."""
+    if logger is not None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
 
 def finish_wandb(logger: Logger | None, summary: dict[str, float] | None, exit_code: int = 0) -> str | None:
@@ -87,7 +90,3 @@ def abort_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=1)
-
-
-def describe(logger: Any) -> str:
-    return type(logger).__name__ if logger is not None else "none"

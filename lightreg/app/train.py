@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lightreg import print_report, select_parameters, sparsity_report
 from lightreg.app.build import build_callbacks, build_data, build_model, build_regularizer, check_launch, trainer_kwargs
 from lightreg.app.config import ConfigError, RunContext, config_dir, register_resolvers
-from lightreg.app.tracking import abort_wandb, build_logger, finish_wandb
+from lightreg.app.tracking import abort_wandb, build_logger, finish_wandb, log_config
 
 #: Errors that mean "the configuration is wrong", reported without a traceback.
 BAD_INPUT = (ConfigError, ValueError, TypeError, HydraException, OmegaConfBaseException, MisconfigurationException)
@@ -99,9 +99,13 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     callbacks = build_callbacks(cfg, ctx, regularizer)
     kwargs = trainer_kwargs(cfg)
     logger = build_logger(cfg.logger, cfg, ctx)
-    trainer = pl.Trainer(**kwargs, callbacks=callbacks, logger=logger if logger is not None else False,
-                         default_root_dir=str(ctx.output_dir))
+    try:
+        trainer = pl.Trainer(**kwargs, callbacks=callbacks, logger=logger if logger is not None else False,
+                             default_root_dir=str(ctx.output_dir))
+    except MisconfigurationException as err:  # e.g. a GPU strategy on a machine without one
+        raise ConfigError(f"strategy={ctx.choices.get('strategy', '?')} (accelerator={kwargs.get('accelerator')}): {err}") from err
     check_launch(trainer, ctx)
+    log_config(logger, cfg)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start
