@@ -40,7 +40,12 @@ def build_model(cfg: DictConfig, data: TabularData) -> pl.LightningModule:
 
 
 def build_regularizer(node: DictConfig | None) -> Regularizer | None:
-    """``Regularizer(penalty, mode, include, exclude, schedule)`` from a ``penalty`` node; ``None`` for ``penalty=none``."""
+    """``Regularizer(penalty, mode, include, exclude, schedule)`` from a ``penalty`` node; ``None`` for ``penalty=none``.
+
+    Example:
+        >>> build_regularizer(OmegaConf.create({"_target_": "lightreg.L1", "alpha": 0.1, "mode": "gradient"}))
+        Regularizer(L1(alpha=0.1), mode='gradient', include=None, exclude=None, schedule=None, name='l1')
+    """
     if node is None or node.get("_target_") is None:
         return None
     kwargs = _container(node)
@@ -66,7 +71,7 @@ def build_strategy(node: DictConfig) -> dict[str, Any]:
 
 def build_callbacks(cfg: DictConfig, ctx: RunContext, regularizer: Regularizer | None) -> list[Callback]:
     callbacks: list[Callback] = [] if regularizer is None else [regularizer]
-    if cfg.monitor is not None and cfg.monitor.get("_target_"):
+    if cfg.get("monitor") is not None and cfg.monitor.get("_target_"):
         callbacks.append(instantiate(cfg.monitor))
     if cfg.checkpoint.enabled:
         ckpt = _container(cfg.checkpoint)

@@ -129,6 +129,11 @@ class MLP(TaskModel):
     """``depth`` hidden layers of ``width`` units (Linear, activation, dropout), then a linear head.
 
     Layers are ``net.0``, ``net.3``, ... (each block is Linear, activation, Dropout); the head is last.
+
+    Example:
+        >>> model = MLP(task="classification", in_features=4, num_outputs=3, depth=1, width=8)
+        >>> [name for name, p in model.named_parameters() if p.ndim == 2]
+        ['net.0.weight', 'net.3.weight']
     """
 
     def __init__(self, depth: int = 2, width: int = 64, dropout: float = 0.0, activation: str = "relu", **kwargs: Any) -> None:
@@ -151,7 +156,13 @@ class MLP(TaskModel):
 
 
 class CNN(TaskModel):
-    """Two 3x3 conv layers (``channels``, ``2 * channels``), a 2x2 max-pool and a linear head, for 8x8 digits."""
+    """Two 3x3 conv layers (``channels``, ``2 * channels``), a 2x2 max-pool and a linear head, for 8x8 digits.
+
+    Example:
+        >>> model = CNN(task="classification", in_features=64, num_outputs=10, input_shape=(1, 8, 8))
+        >>> model(torch.zeros(2, 64)).shape
+        torch.Size([2, 10])
+    """
 
     def __init__(self, channels: int = 8, dropout: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)

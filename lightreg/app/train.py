@@ -111,7 +111,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     fit_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     test_results = trainer.test(model, datamodule=data, verbose=False)
-    rows = sparsity_report(model, cfg.monitor.get("include"), cfg.monitor.get("exclude"))  # collective under FSDP2
+    monitor = cfg.get("monitor") or {}
+    rows = sparsity_report(model, monitor.get("include"), monitor.get("exclude"))  # collective under FSDP2
     metrics = final_metrics(trainer, model, data, regularizer, fit_metrics, test_results, rows, fit_seconds)
     if trainer.is_global_zero:
         if cfg.report:
