@@ -117,6 +117,7 @@ def fresh_hydra():
     (["penalty.alpha=-0.5"], "alpha must be in [0.0, inf], got -0.5"),
     (["penalty.alpha=???"], "Missing mandatory value: alpha"),
     (["-m", "strategy=ddp_cpu", "penalty.alpha=0.1,0.2"], "re-runs the whole sweep"),
+    (["penalty.include=[encoder.*]"], "include pattern 'encoder.*' matches no parameter name"),
 ])
 def test_bad_input_gives_a_short_message_and_no_metrics(args, expected, tmp_path, monkeypatch, capfd, fresh_hydra):
     """In process (the console script's own ``main``), so each case costs no interpreter start."""

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from lightreg import Regularizer
+from lightreg import Regularizer, select_parameters
 from lightreg.app.config import ConfigError, RunContext
 from lightreg.app.data import TabularData
 
@@ -54,6 +54,16 @@ def build_regularizer(node: DictConfig | None) -> Regularizer | None:
     if reg_kwargs.get("schedule") is not None:
         reg_kwargs["schedule"] = instantiate(reg_kwargs["schedule"])
     return Regularizer(instantiate(kwargs), **reg_kwargs)
+
+
+def check_selection(model: pl.LightningModule, regularizer: Regularizer | None, monitor: Any) -> None:
+    """Resolve the penalty's and the monitor's globs on the model now, so a typo stops the run before any
+    process, logger run or checkpoint is started (the callbacks would raise the same error at fit start)."""
+    if regularizer is not None:
+        for name, param in regularizer.select(model):
+            regularizer.penalty.check_tensor(name, param)
+    if monitor:
+        select_parameters(model, monitor.get("include"), monitor.get("exclude"))
 
 
 def build_strategy(node: DictConfig) -> dict[str, Any]:

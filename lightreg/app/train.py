@@ -27,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightreg import print_report, select_parameters, sparsity_report
-from lightreg.app.build import build_callbacks, build_data, build_model, build_regularizer, check_launch, trainer_kwargs
+from lightreg.app.build import (
+    build_callbacks, build_data, build_model, build_regularizer, check_launch, check_selection, trainer_kwargs,
+)
 from lightreg.app.config import ConfigError, RunContext, config_dir, register_resolvers
 from lightreg.app.tracking import abort_wandb, build_logger, finish_wandb, log_config
 
@@ -96,6 +98,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     data = build_data(cfg)
     model = build_model(cfg, data)
     regularizer = build_regularizer(cfg.penalty)
+    monitor = cfg.get("monitor") or {}
+    check_selection(model, regularizer, monitor)
     callbacks = build_callbacks(cfg, ctx, regularizer)
     kwargs = trainer_kwargs(cfg)
     logger = build_logger(cfg.logger, cfg, ctx)
@@ -111,7 +115,6 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     fit_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     test_results = trainer.test(model, datamodule=data, verbose=False)
-    monitor = cfg.get("monitor") or {}
     rows = sparsity_report(model, monitor.get("include"), monitor.get("exclude"))  # collective under FSDP2
     metrics = final_metrics(trainer, model, data, regularizer, fit_metrics, test_results, rows, fit_seconds)
     if trainer.is_global_zero:
