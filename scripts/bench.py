@@ -389,11 +389,14 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
         if name in mlp:
             checks.append((f"{name} <= {limit:g}% of the MLP step", mlp[name]["added_pct"] <= limit,
                            f"{mlp[name]['added_pct']:.2f}%"))
-    worst = max(((m, n, r) for m, res in results["models"].items() for n, r in res["configs"].items()
-                 if r["extra_hook_bytes"] is not None), key=lambda t: t[2]["extra_over_largest"])
-    within = worst[2]["extra_hook_bytes"] <= results["models"][worst[0]]["largest_penalised_bytes"] + SLACK_BYTES
-    checks.append(("callback temporaries <= largest penalised tensor", within,
-                   f"worst {worst[0]} {worst[1]}: {worst[2]['extra_over_largest']:.2f}x"))
+    for label, prefixes in (("Regularizer", tuple(PENALTIES)), ("WeightMonitor", ("monitor",))):
+        rows = [(m, n, r) for m, res in results["models"].items() for n, r in res["configs"].items()
+                if n.split("/")[0] in prefixes]
+        if rows:
+            m, n, r = max(rows, key=lambda t: t[2]["extra_over_largest"])
+            within = r["extra_hook_bytes"] <= results["models"][m]["largest_penalised_bytes"] + SLACK_BYTES
+            checks.append((f"{label} temporaries <= largest penalised tensor (+{SLACK_BYTES} B)", within,
+                           f"worst {m} {n}: {r['extra_over_largest']:.3f}x"))
     return checks
 
 
