@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from lightreg import L1, Regularizer
+from lightreg import L1, GroupLasso, Regularizer
 from lightreg.distributed import is_dtensor
 from tests._parity import N, TwoGroupNet, assert_same, table, train
 from tests._spawn import run_on_ranks
@@ -56,6 +56,24 @@ class ShardedTwoGroupNet(ShardedNet, TwoGroupNet):
     """Sharded, with one optimizer param group per Linear at different learning rates."""
 
 
+class RecordingL1(L1):
+    """L1 that records the types of the tensors its in-place steps receive."""
+
+    seen: set = set()
+
+    def prox_(self, params, lr, alpha=None):
+        self.seen.update(type(p).__name__ for p in params)
+        return super().prox_(params, lr, alpha)
+
+
+class RecordingGroupLasso(GroupLasso):
+    seen: set = set()
+
+    def prox_(self, params, lr, alpha=None):
+        self.seen.update(type(p).__name__ for p in params)
+        return super().prox_(params, lr, alpha)
+
+
 def _fsdp(**kw):
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
     return dict(strategy=strategy, devices=2, **kw)
@@ -87,6 +105,10 @@ def _fsdp_worker(rank: int, log_dir) -> dict:
     model = ShardedNet(lr=0.05)
     trainer(max_steps=1, callbacks=[reg], **_fsdp()).fit(model, loader(x, y, batch_size=N // 2))
     out["names"] = [n for t in reg._targets for n in t.names]
+    # Elementwise penalties get the local shards (plain tensors); GroupLasso needs the DTensor's global shape.
+    regs = [Regularizer(RecordingL1(0.1), include="net.0.weight"), Regularizer(RecordingGroupLasso(0.1), include="net.3.weight")]
+    trainer(max_steps=1, callbacks=regs, **_fsdp()).fit(ShardedNet(lr=0.05), loader(x, y, batch_size=N // 2))
+    out["operand_types"] = (sorted(RecordingL1.seen), sorted(RecordingGroupLasso.seen))
     out["dtensor"] = [is_dtensor(p) for t in reg._targets for p in t.params]
     out["bound_to_optimizer"] = all(any(p is q for q in t.group["params"]) for t in reg._targets for p in t.params)
     return out
@@ -119,6 +141,7 @@ def test_fsdp2_names_and_binding(fsdp_runs):
         assert rank["names"] == ["net.0.weight", "net.3.weight"]
         assert rank["dtensor"] == [True, True]
         assert rank["bound_to_optimizer"]
+        assert rank["operand_types"] == (["Tensor"], ["DTensor"])
 
 
 def test_group_lasso_split_group_norms_match_unsharded(fsdp_runs):
