@@ -128,17 +128,18 @@ class WeightMonitor(Callback):
         self.params = [param for _, param in selected]
         self._sharded = any(is_dtensor(p) for p in self.params)
         self._stepped = False
-        for optimizer in trainer.optimizers:
-            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+        self._wandb = None
         if _wandb_loggers(trainer):
-            from lightreg import wandb_extras  # only now: the core never imports wandb
-
-            self._wandb = wandb_extras
             if self.histogram_every_n_steps and self._sharded:
                 raise ValueError(
                     f"histogram_every_n_steps={self.histogram_every_n_steps}: histograms of DTensor shards "
                     "are not supported (they would be a shard's own); set it to None"
                 )
+            from lightreg import wandb_extras  # only now: the core never imports wandb
+
+            self._wandb = wandb_extras
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         stepped, self._stepped = self._stepped, False

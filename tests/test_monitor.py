@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +193,17 @@ def test_a_single_extra_name_is_accepted():
     assert WeightMonitor(extras="linf").extras == ("linf",)
 
 
-def test_importing_lightreg_does_not_import_wandb():
-    code = "import sys, lightreg, lightreg.monitor, lightreg.report; assert 'wandb' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_a_fit_without_wandb_logger_never_imports_wandb(tmp_path):
+    code = (
+        "import sys\n"
+        "from lightning.pytorch.loggers import CSVLogger\n"
+        "from lightreg import WeightMonitor\n"
+        "from tests.models import TinyNet, loader, regression_data, trainer\n"
+        "assert 'wandb' not in sys.modules\n"
+        "x, y = regression_data()\n"
+        "monitor = WeightMonitor(every_n_steps=1, histogram_every_n_steps=1, print_table=True)\n"
+        f"trainer(max_steps=2, logger=CSVLogger({str(tmp_path)!r}), callbacks=[monitor]).fit(TinyNet(), loader(x, y))\n"
+        "assert 'wandb' not in sys.modules, 'wandb was imported'\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True)
