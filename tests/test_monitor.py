@@ -207,3 +207,28 @@ def test_a_fit_without_wandb_logger_never_imports_wandb(tmp_path):
     )
     root = str(Path(__file__).resolve().parents[1])
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True)
+
+
+def test_manual_optimization_logs_after_each_real_step():
+    class Manual(TinyNet):
+        def __init__(self):
+            super().__init__(lr=LR)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(self(batch[0]), batch[1])
+            self.manual_backward(loss)
+            if batch_idx % 2 == 1:  # steps on every second batch only
+                opt.step()
+
+    monitor = CountingMonitor(every_n_steps=1)
+    logger = CSVLogger(".", name="csv")
+    x, y = regression_data()
+    model = Manual()
+    trainer(max_epochs=1, logger=logger, callbacks=[monitor]).fit(model, loader(x, y, batch_size=16))
+    logged = weight_rows(read_csv(logger))
+    assert monitor.computed == 2 and len(logged) == 2
+    w = model.net[0].weight.detach()
+    assert logged[max(logged)]["weights/net.0.weight/l2"] == pytest.approx(torch.linalg.vector_norm(w).item(), rel=1e-12)
