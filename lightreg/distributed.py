@@ -85,7 +85,7 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def local_groups(v: Tensor, w: Tensor, dim: int) -> Tensor:
-    """The entries of the per-group vector ``v`` (one per index of ``w``'s ``dim``) that this rank's shard of ``w`` holds.
+    """The entries of the per-group vector ``v`` (one per index of ``w``'s ``dim``) for this rank's shard of ``w``.
 
     For a plain ``w`` that is ``v`` itself. For a ``DTensor`` ``w`` it is a plain tensor: the slice of the
     whole ``v`` at the shard's offset along ``dim`` (all of it when ``dim`` is not sharded), so that an
@@ -148,10 +148,14 @@ def check_model(model: torch.nn.Module, who: str) -> None:
     """
     for name, module in model.named_modules():
         if type(module).__name__ == "FullyShardedDataParallel":
-            raise ValueError(f"{who}: module {name or '<root>'!r} is wrapped by FSDP1 (FullyShardedDataParallel). Use {SUPPORTED}.")
+            raise ValueError(
+                f"{who}: module {name or '<root>'!r} is wrapped by FSDP1 (FullyShardedDataParallel). Use {SUPPORTED}."
+            )
     for name, param in model.named_parameters():
         if type(param).__name__ == "FlatParameter" or getattr(param, "_is_flat_param", False):
-            raise ValueError(f"{who}: parameter {name!r} is an FSDP1 FlatParameter (a flat 1-D shard). Use {SUPPORTED}.")
+            raise ValueError(
+                f"{who}: parameter {name!r} is an FSDP1 FlatParameter (a flat 1-D shard). Use {SUPPORTED}."
+            )
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
             raise ValueError(f"{who}: parameter {name!r} is a DeepSpeed ZeRO parameter. Use {SUPPORTED}.")
 

@@ -52,7 +52,8 @@ class Snapshot(Callback):
 
     def on_train_end(self, trainer, pl_module):
         with torch.no_grad():
-            self.out["weights"] = {clean_name(n): global_value(p.detach()).clone() for n, p in pl_module.named_parameters()}
+            named = list(pl_module.named_parameters())
+            self.out["weights"] = {clean_name(n): global_value(p.detach()).clone() for n, p in named}
             self.out["local_numel"] = {clean_name(n): local_tensor(p).numel() for n, p in pl_module.named_parameters()}
         self.out["metrics"] = {k: float(v) for r in self.regs for k, v in r.metrics().items()}
         self.out["names"] = [n for r in self.regs for t in r._targets for n in t.names]

@@ -36,7 +36,9 @@ def _entry(rank: int, fn: Callable[..., dict], world_size: int, port: int, out: 
         torch.distributed.destroy_process_group()
 
 
-def run_on_ranks(fn: Callable[..., dict], out: Path, *args: Any, world_size: int = 2, timeout: float = 300.0) -> list[dict]:
+def run_on_ranks(
+    fn: Callable[..., dict], out: Path, *args: Any, world_size: int = 2, timeout: float = 300.0
+) -> list[dict]:
     """Call ``fn(rank, *args)`` on ``world_size`` spawned processes; return each rank's returned dict.
 
     ``fn`` must be importable (a module-level function) and return something ``torch.save`` can write.

@@ -1,4 +1,5 @@
-"""FSDP2 on CPU: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``, ``fully_shard``, gloo (and TP).
+"""FSDP2 on CPU (and tensor parallel): ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``,
+``fully_shard``, gloo.
 
 Parameters are ``DTensor``s sharded by rows; ``net.3.weight`` (1, 16) lives wholly on rank 0, so rank 1
 holds an empty shard. Every penalty in every mode must equal one process on the global batch; GroupLasso
@@ -42,7 +43,7 @@ class ShardedNet(TinyNet):
 
 
 class TensorParallelNet(TinyNet):
-    """Tensor parallel on 2 ranks: ``net.0.weight`` sharded by rows (Shard(0)), ``net.3.weight`` by columns (Shard(1))."""
+    """Tensor parallel on 2 ranks: ``net.0.weight`` split by rows (Shard(0)), ``net.3.weight`` by columns (Shard(1))."""
 
     def configure_model(self):
         from torch.distributed.tensor import Replicate
@@ -106,7 +107,8 @@ def _fsdp_worker(rank: int, log_dir) -> dict:
     trainer(max_steps=1, callbacks=[reg], **_fsdp()).fit(model, loader(x, y, batch_size=N // 2))
     out["names"] = [n for t in reg._targets for n in t.names]
     # Elementwise penalties get the local shards (plain tensors); GroupLasso needs the DTensor's global shape.
-    regs = [Regularizer(RecordingL1(0.1), include="net.0.weight"), Regularizer(RecordingGroupLasso(0.1), include="net.3.weight")]
+    regs = [Regularizer(RecordingL1(0.1), include="net.0.weight"),
+            Regularizer(RecordingGroupLasso(0.1), include="net.3.weight")]
     trainer(max_steps=1, callbacks=regs, **_fsdp()).fit(ShardedNet(lr=0.05), loader(x, y, batch_size=N // 2))
     out["operand_types"] = (sorted(RecordingL1.seen), sorted(RecordingGroupLasso.seen))
     out["dtensor"] = [is_dtensor(p) for t in reg._targets for p in t.params]
@@ -181,7 +183,8 @@ def test_fsdp2_bf16_mixed(fsdp_runs):
         assert_same(rank["bf16"]["weights"], rank["bf16-ddp"]["weights"], tol=1e-6)
         assert rank["bf16"]["metrics"] == pytest.approx(rank["bf16-ddp"]["metrics"], rel=1e-6)
     fp32 = train(BF16, batch_size=N, dtype=torch.float32)
-    assert max((fsdp_runs[0]["bf16"]["weights"][n] - fp32["weights"][n]).abs().max().item() for n in fp32["names"]) > 1e-5
+    bf16 = fsdp_runs[0]["bf16"]["weights"]
+    assert max((bf16[n] - fp32["weights"][n]).abs().max().item() for n in fp32["names"]) > 1e-5
 
 
 @pytest.mark.parametrize("key", TP_KEYS)

@@ -55,7 +55,8 @@ def fit(precision, callbacks=(), device="cpu", **model_kw):
         scaler, kw = None, dict(precision=precision)
     history = History()
     accelerator = "gpu" if device == "cuda" else "cpu"
-    trainer(max_steps=STEPS, max_epochs=-1, callbacks=[*callbacks, history], accelerator=accelerator, **kw).fit(model, loader(x, y, batch_size=BATCH))
+    trainer(max_steps=STEPS, max_epochs=-1, callbacks=[*callbacks, history], accelerator=accelerator, **kw).fit(
+        model, loader(x, y, batch_size=BATCH))
     if scaler is not None:  # exactly the one forced skip happened
         assert scaler.get_scale() == INIT_SCALE / 2
     return model, history

@@ -26,7 +26,8 @@ def _deepspeed(stage: int) -> DeepSpeedStrategy:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_every_stage_refused(stage):
-    with pytest.raises(ValueError, match=rf"DeepSpeedStrategy \(ZeRO stage {stage}\).*p.grad is None.*ModelParallelStrategy"):
+    match = rf"DeepSpeedStrategy \(ZeRO stage {stage}\).*p.grad is None.*ModelParallelStrategy"
+    with pytest.raises(ValueError, match=match):
         check_strategy(_deepspeed(stage), "Regularizer 'l1'")
 
 
@@ -35,7 +36,8 @@ def test_fsdp1_strategy_refused():
         check_strategy(FSDPStrategy(), "Regularizer 'l1'")
 
 
-@pytest.mark.parametrize("strategy", [DDPStrategy(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)])
+@pytest.mark.parametrize(
+    "strategy", [DDPStrategy(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)])
 def test_supported_strategies_pass(strategy):
     check_strategy(strategy, "Regularizer 'l1'")
 
