@@ -130,11 +130,6 @@ class WeightMonitor(Callback):
         self._stepped = False
         self._wandb = None
         if _wandb_loggers(trainer):
-            if self.histogram_every_n_steps and self._sharded:
-                raise ValueError(
-                    f"histogram_every_n_steps={self.histogram_every_n_steps}: histograms of DTensor shards "
-                    "are not supported (they would be a shard's own); set it to None"
-                )
             from lightreg import wandb_extras  # only now: the core never imports wandb
 
             self._wandb = wandb_extras
@@ -152,7 +147,7 @@ class WeightMonitor(Callback):
             if trainer.is_global_zero:
                 log_scalars(trainer, values)
         hist = self.histogram_every_n_steps
-        if hist and self._wandb is not None and trainer.is_global_zero and trainer.global_step % hist == 0:
+        if hist and self._wandb is not None and measure and trainer.global_step % hist == 0:
             self._wandb.log_histograms(trainer, self.names, self.params)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

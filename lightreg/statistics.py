@@ -180,7 +180,7 @@ def global_sparsity(partials: Tensor) -> Tensor:
 
 
 # ---- sharded tensors ---------------------------------------------------------------------------
-def _contributes(name: str, t: Tensor, rank: int, world: int) -> bool:
+def counted_here(name: str, t: Tensor, rank: int, world: int) -> bool:
     """Whether this rank's copy of ``t`` enters the sums: each element must be counted exactly once.
 
     A plain tensor is replicated (DDP), so rank 0 alone counts it; a ``DTensor`` shard counts on the
@@ -243,7 +243,7 @@ def reduce_partial_sums(
         return partial_sums(tensors, eps=eps, near_zero=near_zero, linf=linf, structured=structured)
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
-    counted = [_contributes(n, t, rank, world) for n, t in zip(names, tensors, strict=True)]
+    counted = [counted_here(n, t, rank, world) for n, t in zip(names, tensors, strict=True)]
     table, groups = _table(tensors, eps, near_zero, linf, structured)
     device = table.device
     largest = table[:, MAX].clone()  # unweighted: a replica's max is the max

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, Regularizer, sparsity_report
 from lightreg.statistics import COLUMNS, partial_sums, reduce_partial_sums
+from lightreg.wandb_extras import histograms
 from tests._spawn import run_on_ranks
 from tests.models import TinyNet, loader, regression_data, trainer
 from tests.test_monitor import CountingMonitor, read_csv, weight_rows
@@ -78,6 +79,8 @@ def raw_reduction() -> dict:
     out = {"full": full, "reduced": reduce_partial_sums(tensors, **kw),
            "local": partial_sums([t.to_local() if isinstance(t, DTensor) else t for t in tensors], **kw),
            "local_numel": [t.to_local().numel() if isinstance(t, DTensor) else t.numel() for t in tensors]}
+    out["hist"] = histograms(tensors, bins=8)
+    out["hist_local"] = histograms([t.to_local() if isinstance(t, DTensor) else t for t in tensors], bins=8)
     partial = DTensor.from_local(torch.ones(2, 2), mesh, [Partial()])
     try:
         reduce_partial_sums([partial], ["p"])
@@ -143,6 +146,15 @@ def test_sharded_partial_sums_reduce_to_the_whole_tensors(runs):
     assert want[3, dead_cols] == 1 and want[3, dead_rows] == 1
     zeros = COLUMNS.index("zeros")
     assert want[4, zeros] == 1 and runs[0]["raw"]["local"][4, zeros] + runs[1]["raw"]["local"][4, zeros] == 2
+
+
+def test_sharded_histograms_are_those_of_the_whole_tensors(runs):
+    want = histograms(runs[0]["raw"]["full"], bins=8)
+    for rank in runs:
+        assert rank["raw"]["hist"] == want
+    # every element counted once, replicas and the plain (replicated) tensor included
+    assert [sum(counts) for counts, _ in want] == [t.numel() for t in runs[0]["raw"]["full"]]
+    assert runs[0]["raw"]["hist_local"][0] != want[0]  # a shard's own histogram differs
 
 
 def test_partial_placement_is_refused(runs):
