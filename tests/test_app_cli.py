@@ -105,11 +105,21 @@ def test_two_job_multirun_with_wandb_and_the_sweep_plot(tmp_path):
 
 @pytest.fixture
 def fresh_hydra():
-    from hydra.core.global_hydra import GlobalHydra
+    """Run ``@hydra.main`` in this process, then undo its global state so later tests (Lightning's launchers
+    look at ``HydraConfig``, caplog at the loggers) see a process that never ran Hydra."""
+    import logging
 
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -126,8 +136,8 @@ def test_bad_input_gives_a_short_message_and_no_metrics(args, expected, tmp_path
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(sys, "argv", ["lightreg-train", *args, f"hydra.run.dir={tmp_path}/run",
                                       f"hydra.sweep.dir={tmp_path}/sweep",
-                                      # Hydra's default logging would bind handlers to pytest's capture streams.
-                                      "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
+                                      # Leave logging alone: Hydra's configs would rebind or disable loggers.
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code not in (0, None)
@@ -136,6 +146,24 @@ def test_bad_input_gives_a_short_message_and_no_metrics(args, expected, tmp_path
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 15, stderr
     assert not list(tmp_path.rglob("metrics.json"))
     assert not list(tmp_path.rglob("offline-run-*"))  # refused before the W&B run (default logger) started
+
+
+def test_in_process_hydra_runs_leave_no_global_state(tmp_path, monkeypatch, capfd, fresh_hydra):
+    """The guard for the test above: Lightning must not think a later test runs under Hydra."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from lightreg.app.train import main
+
+    handlers = list(logging.getLogger().handlers)
+    monkeypatch.setattr(sys, "argv", ["lightreg-train", "penalty.alpha=-1", f"hydra.run.dir={tmp_path}",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    with pytest.raises(SystemExit):
+        main()
+    assert not HydraConfig.initialized()
+    assert not logging.getLogger("lightning.pytorch").disabled
+    assert logging.getLogger().handlers == handlers
 
 
 @pytest.mark.slow
@@ -168,12 +196,15 @@ def test_ddp_spawn_in_a_multirun(tmp_path):
         assert "reg/l1/penalty" in wandb_run(sweep / job)["history"]
 
 
-def test_python_dash_m_lightreg_prints_the_composed_config(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lightreg", "--cfg", "job", "penalty=l1", "penalty.log10_alpha=-2"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    cfg = OmegaConf.create(result.stdout)
+def test_python_dash_m_lightreg_prints_the_composed_config(monkeypatch, capsys, fresh_hydra):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["lightreg", "--cfg", "job", "penalty=l1", "penalty.log10_alpha=-2",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    runpy.run_module("lightreg", run_name="__main__")  # what `python -m lightreg` runs
+    cfg = OmegaConf.create(capsys.readouterr().out)
     assert cfg.penalty._target_ == "lightreg.L1" and cfg.model._target_ == "lightreg.app.models.MLP"
+    assert cfg.penalty.log10_alpha == -2
 
 
 @pytest.mark.slow

@@ -170,9 +170,9 @@ def test_experiment_options(option):
     data, reg = build.build_data(cfg), build.build_regularizer(cfg.penalty)
     model = build.build_model(cfg, data)
     expected = {
-        "lasso_diabetes": ("diabetes", models.Linear, lightreg.L1(0.05)),
+        "lasso_diabetes": ("diabetes", models.Linear, lightreg.L1(0.1)),
         "sparse_mlp_digits": ("digits", models.MLP, lightreg.L1(3e-3)),
-        "group_lasso_features": ("synthetic", models.Linear, lightreg.GroupLasso(0.05, dim=1)),
+        "group_lasso_features": ("synthetic", models.Linear, lightreg.GroupLasso(0.1, dim=1)),
     }[option]
     assert (data.name, type(model), reg.penalty) == expected
     reg.select(model)  # include/exclude globs name real parameters

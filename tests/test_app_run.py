@@ -106,3 +106,31 @@ def test_reported_sparsity_matches_the_final_weights(tmp_path):
     csv_rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "weights/global/sparsity" in csv_rows and "reg/l1/penalty" in csv_rows
     assert Path(tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_lasso_preset_reaches_the_scikit_learn_lasso(tmp_path):
+    """``experiment=lasso_diabetes`` is ISTA from zero; its loss is MSE, so it solves sklearn's Lasso(alpha / 2)."""
+    from sklearn.linear_model import Lasso
+
+    cfg = compose_cfg("experiment=lasso_diabetes", "logger=none", "progress_bar=false", "report=false")
+    metrics = run(cfg, RunContext(output_dir=tmp_path))
+    data = TabularData("diabetes", seed=cfg.seed)
+    x, y = (t.double().numpy() for t in data.splits["train"].tensors)
+    oracle = Lasso(alpha=cfg.penalty.alpha / 2, tol=1e-12, max_iter=100_000).fit(x, y.ravel())
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    w = state["net.0.weight"].double().numpy().ravel()
+    np.testing.assert_array_equal(w == 0, oracle.coef_ == 0)  # the same features dropped
+    np.testing.assert_allclose(w, oracle.coef_, atol=1e-5)
+    assert metrics["weights/global/sparsity"] == float(np.mean(oracle.coef_ == 0)) > 0
+
+
+@pytest.mark.slow
+def test_group_lasso_preset_recovers_the_true_support(tmp_path):
+    cfg = compose_cfg("experiment=group_lasso_features", "logger=none", "progress_bar=false", "report=false",
+                      "checkpoint.enabled=false")
+    metrics = run(cfg, RunContext(output_dir=tmp_path))
+    data = TabularData("synthetic", seed=cfg.seed, **{k: cfg.data[k] for k in ("n_samples", "n_features", "n_informative", "noise")})
+    assert metrics["support/selected"] == data.true_support.sum() == 5
+    assert metrics["support/f1"] == 1.0  # exactly the informative features survive, every other column is 0
+    assert metrics["weights/global/sparsity"] == pytest.approx(45 / 50)

@@ -86,7 +86,14 @@ def build_callbacks(cfg: DictConfig, ctx: RunContext, regularizer: Regularizer |
     if cfg.checkpoint.enabled:
         ckpt = _container(cfg.checkpoint)
         ckpt.pop("enabled")
-        callbacks.append(ModelCheckpoint(dirpath=ctx.output_dir / "checkpoints", **ckpt))
+        save_last = ckpt.pop("save_last", False)
+        dirpath = ctx.output_dir / "checkpoints"
+        callbacks.append(ModelCheckpoint(dirpath=dirpath, **ckpt))
+        if save_last:
+            # Lightning's own save_last only refreshes last.ckpt when a new best is saved; this one
+            # overwrites it at every epoch end, so it always holds the weights metrics.json describes.
+            callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                                             save_on_train_epoch_end=True, enable_version_counter=False))
     if cfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.get("progress_refresh_rate", 5)))
     return callbacks
