@@ -92,7 +92,8 @@ def _table(
         sizes[w.dtype, w.device] = max(sizes.get((w.dtype, w.device), 0), w.numel())
     scratch = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
     stats = [
-        tensor_stats(w, eps=eps, near_zero=near_zero, linf=linf, structured=structured, scratch=scratch[w.dtype, w.device])
+        tensor_stats(w, eps=eps, near_zero=near_zero, linf=linf, structured=structured,
+                     scratch=scratch[w.dtype, w.device])
         for w in plain
     ]
     sums = torch.stack([torch.stack(s) for s, _ in stats])
@@ -190,7 +191,9 @@ def counted_here(name: str, t: Tensor, rank: int, world: int) -> bool:
         return rank == 0
     mesh = t.device_mesh
     if mesh.size() != world:
-        raise ValueError(f"{name}: its DTensor lives on {mesh.size()} of {world} ranks; statistics reduce over all ranks")
+        raise ValueError(
+            f"{name}: its DTensor lives on {mesh.size()} of {world} ranks; statistics reduce over all ranks"
+        )
     if any(p.is_partial() for p in t.placements):
         raise ValueError(f"{name}: a DTensor with a Partial placement {t.placements} holds no weight values yet")
     coordinate = mesh.get_coordinate()

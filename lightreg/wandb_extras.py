@@ -85,7 +85,9 @@ def histograms(
         lo = -neg_lo if math.isfinite(neg_lo) else 0.0
         hi = hi if math.isfinite(hi) else 0.0
         ranges.append((lo - 1, hi + 1) if lo == hi else (lo, hi))
-    counts = torch.stack([torch.histc(w, bins=bins, min=lo, max=hi).double() for w, (lo, hi) in zip(plain, ranges, strict=True)])
+    counts = torch.stack(
+        [torch.histc(w, bins=bins, min=lo, max=hi).double() for w, (lo, hi) in zip(plain, ranges, strict=True)]
+    )
     if sharded:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         counted = [counted_here(n, p, rank, world) for n, p in zip(names, params, strict=True)]

@@ -231,4 +231,5 @@ def test_manual_optimization_logs_after_each_real_step():
     logged = weight_rows(read_csv(logger))
     assert monitor.computed == 2 and len(logged) == 2
     w = model.net[0].weight.detach()
-    assert logged[max(logged)]["weights/net.0.weight/l2"] == pytest.approx(torch.linalg.vector_norm(w).item(), rel=1e-12)
+    last = logged[max(logged)]
+    assert last["weights/net.0.weight/l2"] == pytest.approx(torch.linalg.vector_norm(w).item(), rel=1e-12)
