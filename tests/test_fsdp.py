@@ -83,6 +83,8 @@ def _fsdp(**kw):
 def _fsdp_worker(rank: int, log_dir) -> dict:
     out = {key: train(key, batch_size=N // 2, model_cls=ShardedNet, **_fsdp()) for key in KEYS}
     out["accumulate"] = train("en-proximal", batch_size=N // 4, accumulate=2, model_cls=ShardedNet, **_fsdp())
+    # Norm clipping of DTensor gradients sees the penalty (mode gradient), as with the penalty in the loss.
+    out["clip"] = train("gl1-gradient", batch_size=N // 2, clip=0.05, model_cls=ShardedNet, **_fsdp())
     for key in GROUP_KEYS:
         out[f"groups-{key}"] = train(key, batch_size=N // 2, model_cls=ShardedTwoGroupNet, **_fsdp())
     # bf16 autocast on the shards' float32 weights (ModelParallelStrategy's supported mixed precision).
@@ -206,3 +208,11 @@ def test_fsdp2_one_dimensional_and_empty_shards(fsdp_runs, key):
     for rank in fsdp_runs:
         assert_same(rank[f"all-{key}"]["weights"], single["weights"])
         assert rank[f"all-{key}"]["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
+
+
+def test_fsdp2_clipping_sees_the_penalty(fsdp_runs):
+    single = train("gl1-gradient", batch_size=N, clip=0.05)
+    unclipped = train("gl1-gradient", batch_size=N)
+    for rank in fsdp_runs:
+        assert_same(rank["clip"]["weights"], single["weights"])
+    assert (single["weights"]["net.0.weight"] - unclipped["weights"]["net.0.weight"]).abs().max() > 1e-4
