@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - every supported torch wheel ships torc
     DTensor = None  # type: ignore[assignment,misc]
     Replicate = None  # type: ignore[assignment,misc]
 
-SUPPORTED = "strategy='ddp', or FSDP2: ModelParallelStrategy(...) with fully_shard in configure_model"
+SUPPORTED = "strategy='ddp' (or 'ddp_spawn'), or FSDP2: ModelParallelStrategy(...) with fully_shard in configure_model"
 
 
 def is_dtensor(t: object) -> bool:

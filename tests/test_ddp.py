@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 from lightning.pytorch.strategies import DDPStrategy
 
-from tests._parity import N, TwoGroupNet, assert_same, table, train
+from lightreg import GroupLasso, Regularizer
+from tests._parity import EPOCHS, N, TwoGroupNet, assert_same, table, train
 from tests._spawn import run_on_ranks
+from tests.models import TinyNet, loader, regression_data, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +78,13 @@ def test_ddp_param_groups_and_logged_penalty(ddp_runs, tmp_path):
     for row, expected in zip(logged, logged_single, strict=True):
         assert row == pytest.approx(expected, rel=1e-12)
     assert "logged" not in ddp_runs[1]["logged"]  # only rank zero wrote a log
+
+
+def test_ddp_spawn_from_the_main_process():
+    """``strategy="ddp_spawn"`` (Lightning launches the ranks; rank 0's weights come back to this process)."""
+    x, y = regression_data(n=N)
+    model = TinyNet(lr=0.05)
+    trainer(max_epochs=EPOCHS, strategy="ddp_spawn", devices=2, callbacks=[Regularizer(GroupLasso(0.2, dim=1))]).fit(
+        model, loader(x, y, batch_size=N // 2))
+    single = train("gl1-proximal", batch_size=N)
+    assert_same({n: p.detach() for n, p in model.named_parameters()}, single["weights"])
