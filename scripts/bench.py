@@ -32,9 +32,10 @@ import argparse
 import functools
 import inspect
 import json
+import logging
+import os
 import random
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -403,7 +404,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
 def format_table(results: dict[str, Any]) -> str:
     out = []
     for model, res in results["models"].items():
-        out.append(f"\n### {model} (largest penalised tensor {res['largest_penalised_bytes'] / 2**20:.2f} MiB)\n")
+        out.append(f"\n### {model} (largest penalised tensor {res['largest_penalised_bytes'] / 2**10:,.1f} KiB)\n")
         out.append("| configuration | step ms | x none | added ms | added % | x floor | extra MiB step / callback | extra / largest |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for n, r in res["configs"].items():
@@ -447,8 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    import logging
-
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     configs = configurations()
     if args.configs:
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"unknown --configs {sorted(unknown)}; known: {list(configs)}")
         configs = {n: c for n, c in configs.items() if n in wanted}
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} torch threads, "
-           f"{len(__import__('os').sched_getaffinity(0))} cores visible)", "torch": torch.__version__, "lightning": pl.__version__,
+           f"{os.cpu_count()} cores)", "torch": torch.__version__, "lightning": pl.__version__,
            "clock": args.clock, "timed_steps_per_config": args.cycles, "alpha": ALPHA, "lr": LR,
            "optimizer": "Adam", "monitor_available": hasattr(lightreg, "WeightMonitor")}
     results: dict[str, Any] = {"env": env, "models": {}}
