@@ -6,7 +6,8 @@ Lightning hooks to it. Hydra and W&B are used only by the app (``lightreg.app``)
 
 from lightreg.group_lasso import GroupLasso
 from lightreg.monitor import WeightMonitor
-from lightreg.penalties import L1, L2, ElasticNet, Penalty
+from lightreg.penalties import L1, L2, ElasticNet
+from lightreg.penalty import Penalty
 from lightreg.regularizer import Regularizer
 from lightreg.report import print_report, sparsity_report
 from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow

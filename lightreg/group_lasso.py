@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightreg._checks import check_int
 from lightreg.distributed import local_groups, local_tensor, replicate
-from lightreg.penalties import Penalty
+from lightreg.penalty import Penalty
 
 
 class GroupLasso(Penalty):

@@ -12,9 +12,9 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from lightreg._checks import check_int, check_patterns, check_real
+from lightreg.distributed import check_model, is_dtensor
 from lightreg.emit import log_scalars
 from lightreg.selection import select_parameters
-from lightreg.distributed import check_model, is_dtensor
 from lightreg.statistics import EXTRAS, figure_names, figures, global_sparsity, reduce_partial_sums
 
 

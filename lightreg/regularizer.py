@@ -15,7 +15,7 @@ from torch import Tensor
 from lightreg._checks import check_patterns
 from lightreg.distributed import check_model, check_strategy, local_tensor, sum_values
 from lightreg.emit import is_log_step, log_scalars
-from lightreg.penalties import Penalty
+from lightreg.penalty import Penalty
 from lightreg.schedules import scheduled_factor
 from lightreg.selection import select_parameters
 

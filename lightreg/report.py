@@ -89,4 +89,7 @@ def print_report(rows: Sequence[dict[str, Any]], title: str = "Weight sparsity")
     if rows:
         table.add_section()
         table.add_row("total", "", f"{numel:,}", "", "", f"{zeros / numel:.2%}" if numel else "-", "", "")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # rich falls back to 80 columns in logs and CI, which cuts names and figures
+        console = Console(width=160)
+    console.print(table)

@@ -9,7 +9,6 @@ from lightreg import L1, L2, ElasticNet, GroupLasso
 from lightreg import penalties as penalties_module
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     previous = torch.get_default_dtype()

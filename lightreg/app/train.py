@@ -28,7 +28,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lightreg import print_report, select_parameters, sparsity_report
 from lightreg.app.build import (
-    build_callbacks, build_data, build_model, build_regularizer, check_launch, check_selection, trainer_kwargs,
+    build_callbacks,
+    build_data,
+    build_model,
+    build_regularizer,
+    check_launch,
+    check_selection,
+    trainer_kwargs,
 )
 from lightreg.app.config import ConfigError, RunContext, config_dir, register_resolvers
 from lightreg.app.tracking import abort_wandb, build_logger, finish_wandb, log_config
