@@ -77,11 +77,12 @@ def test_interleaved_fit_times_each_configuration_on_its_own_steps(bench):
     assert _Nested.calls == 5  # never on the plain steps
     timed = plan[3:]
     assert len(probe.steps["busy"]) == timed.count("busy") and len(probe.steps["none"]) == timed.count("none")
+    # Thread CPU time of a 4 ms busy loop barely moves with load; twice that would mean _work counted twice.
+    # Whole-step times are not compared: that would test the machine's load, not the script.
     for hook, step in zip(probe.hooks["busy"], probe.steps["busy"]):
-        assert 0.004 <= hook < 0.008  # counted once, not once more for _work inside on_train_batch_end
+        assert 0.004 <= hook < 0.008
         assert hook <= step
     assert probe.hooks["none"] == [0.0] * timed.count("none")
-    assert min(probe.steps["busy"]) > max(probe.steps["none"])
 
 
 def test_quick_run_end_to_end(bench, tmp_path):
