@@ -51,6 +51,18 @@ class TinyNet(pl.LightningModule):
         return cls(self.parameters(), lr=self.lr, **self.optimizer_kwargs)
 
 
+class ShardedNet(TinyNet):
+    """TinyNet with each Linear, then the whole MLP, wrapped by ``fully_shard`` on the data-parallel mesh (FSDP2)."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net[3], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
 def trainer(**kwargs) -> pl.Trainer:
     defaults = dict(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -15,7 +15,13 @@ from omegaconf import OmegaConf
 
 import lightreg
 from lightreg.app import build, models
-from lightreg.app.config import ConfigError, RunContext, alpha_from_log10, config_dir, register_resolvers
+from lightreg.app.config import (
+    ConfigError,
+    RunContext,
+    alpha_from_log10,
+    config_dir,
+    register_resolvers,
+)
 from lightreg.app.tracking import build_logger, finish_wandb, log_config, wandb_mode
 
 CONF = Path(config_dir())

@@ -18,7 +18,7 @@ from lightreg import L1, GroupLasso, Regularizer
 from lightreg.distributed import is_dtensor
 from tests._parity import N, TwoGroupNet, assert_same, table, train
 from tests._spawn import run_on_ranks
-from tests.models import TinyNet, loader, regression_data, trainer
+from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +30,6 @@ TP_KEYS = table(["l1", "en", "gl0", "gl1"])
 ALL_PARAM_KEYS = ["gl0-proximal", "en-gradient"]
 
 
-class ShardedNet(TinyNet):
-    """TinyNet with each Linear, then the whole MLP, wrapped by ``fully_shard`` on the data-parallel mesh."""
-
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        fully_shard(self.net[0], mesh=mesh)
-        fully_shard(self.net[3], mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
 
 
 class TensorParallelNet(TinyNet):
@@ -47,7 +37,11 @@ class TensorParallelNet(TinyNet):
 
     def configure_model(self):
         from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
 
         parallelize_module(self.net, self.device_mesh["tensor_parallel"], {
             "0": ColwiseParallel(output_layouts=Replicate()), "3": RowwiseParallel(input_layouts=Replicate())})

@@ -16,7 +16,7 @@ from lightreg import L1, Regularizer, sparsity_report
 from lightreg.statistics import COLUMNS, partial_sums, reduce_partial_sums
 from lightreg.wandb_extras import histograms
 from tests._spawn import run_on_ranks
-from tests.models import TinyNet, loader, regression_data, trainer
+from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer
 from tests.test_monitor import CountingMonitor, read_csv, weight_rows
 
 pytestmark = pytest.mark.slow
@@ -24,14 +24,6 @@ pytestmark = pytest.mark.slow
 N, STEPS, EXTRAS = 16, 4, ("near_zero", "linf", "structured")
 
 
-class ShardedNet(TinyNet):
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        fully_shard(self.net[0], mesh=mesh)
-        fully_shard(self.net[3], mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
 
 
 def fit(save_dir: str, batch_size: int, model_cls=TinyNet, **trainer_kwargs) -> dict:

@@ -13,17 +13,7 @@ from torch import nn
 
 from lightreg import L1, L2, ElasticNet, GroupLasso, Regularizer
 from tests.models import TinyNet, loader, regression_data, trainer
-
-
-def explicit(penalty, w):
-    a = penalty.alpha
-    if isinstance(penalty, L1):
-        return a * w.abs().sum()
-    if isinstance(penalty, L2):
-        return a / 2 * (w * w).sum()
-    if isinstance(penalty, ElasticNet):
-        return a * penalty.l1_ratio * w.abs().sum() + a * (1 - penalty.l1_ratio) / 2 * (w * w).sum()
-    return a * (w.shape[1] ** 0.5) * torch.sqrt((w * w).sum(dim=1)).sum()  # GroupLasso(dim=0) on a matrix
+from tests.oracles import explicit_value
 
 
 def selected(m):
@@ -49,7 +39,7 @@ PENALTIES = [L1(0.05), L2(0.3), ElasticNet(0.1, l1_ratio=0.4), GroupLasso(0.05, 
 def test_gradient_mode_trains_like_the_penalty_in_the_loss(penalty):
     kw = dict(optimizer="sgd", optimizer_kwargs={"momentum": 0.9})
     ours = fit(TinyNet(**kw), [Regularizer(penalty, mode="gradient")])
-    oracle = fit(TinyNet(**kw, extra_loss=lambda m: sum(explicit(penalty, w) for w in selected(m))))
+    oracle = fit(TinyNet(**kw, extra_loss=lambda m: sum(explicit_value(penalty, w) for w in selected(m))))
     assert_same_weights(ours, oracle)
     assert not torch.equal(ours.net[0].weight, TinyNet().net[0].weight)
 
@@ -194,7 +184,7 @@ def test_manual_optimization_with_two_optimizers(mode):
             opt.zero_grad()
         loss = nn.functional.mse_loss(oracle(xb), yb)
         if mode == "gradient":
-            loss = loss + sum(explicit(penalty, w) for w in selected(oracle))
+            loss = loss + sum(explicit_value(penalty, w) for w in selected(oracle))
         loss.backward()
         for opt, w in ((opt_a, oracle.net[0].weight), (opt_b, oracle.net[3].weight)):
             lr = opt.param_groups[0]["lr"]

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from lightreg.report import print_report, sparsity_report
-from lightreg.statistics import COLUMNS, FIGURES, figure_names, figures, global_sparsity, partial_sums
+from lightreg.statistics import (
+    COLUMNS,
+    FIGURES,
+    figure_names,
+    figures,
+    global_sparsity,
+    partial_sums,
+)
 
 ALL = ["near_zero", "linf", "structured"]
 
