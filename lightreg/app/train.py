@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """The ``lightreg-train`` console script and ``python -m lightreg``."""
+    # Lightning 2.6 on torch 2.13 warns about its own use of a deprecated pytree API: noise in a first run.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     _hydra_main()
 
 
