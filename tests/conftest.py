@@ -1,7 +1,11 @@
 import os
 import warnings
 
+import lightning.pytorch  # noqa: F401
 import pytest
+
+# Lightning binds a StreamHandler to sys.stderr when first imported. Importing it here binds it to the session's
+# stream; imported first inside a test, it would bind to that test's captured stream, closed afterwards.
 
 # Real wandb, offline: writes run files under the test's tmp dir, never touches the network.
 os.environ.setdefault("WANDB_MODE", "offline")
