@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightreg.distributed import is_dtensor
+from lightreg.distributed import is_dtensor, local_tensor
 
 #: Column order of the partial-sum table.
 COLUMNS = ("abs_sum", "sq_sum", "zeros", "numel", "near_zero", "max_abs", "dead_rows", "dead_cols", "rows", "cols")
@@ -30,12 +30,6 @@ ABS, SQ, ZEROS, NUMEL, NEAR, MAX, DEAD_ROWS, DEAD_COLS, ROWS, COLS = range(len(C
 #: The figures ``figures`` returns, in order; the last four exist only when their extra was asked for.
 FIGURES = ("l1", "l2", "sparsity", "near_zero", "linf", "dead_rows", "dead_cols")
 EXTRAS = ("near_zero", "linf", "structured")
-
-
-def _plain(t: Tensor) -> Tensor:
-    """The tensor's own storage: a ``DTensor``'s local shard, detached from autograd."""
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.detach()
 
 
 def _others(w: Tensor, dim: int) -> tuple[int, ...]:
@@ -84,7 +78,7 @@ def tensor_stats(
 def _table(
     tensors: Sequence[Tensor], eps: float, near_zero: bool, linf: bool, structured: bool
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor] | None]]:
-    plain = [_plain(t) for t in tensors]
+    plain = [local_tensor(t).detach() for t in tensors]  # a DTensor's own shard
     # One scratch buffer per dtype and device, as large as the largest tensor, shared by all: a fresh
     # buffer per tensor costs its page faults every time (10x the arithmetic on CPU).
     sizes: dict[tuple[torch.dtype, torch.device], int] = {}
