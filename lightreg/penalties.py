@@ -95,11 +95,9 @@ class L1(Penalty):
     def _prox_one(self, w: Tensor, s: float) -> None:
         soft_threshold_(w, s)
 
-    def prox_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
-        s = lr * (self.alpha if alpha is None else alpha)
-        if s == 0.0 or not use_foreach(params):
-            return super().prox_(params, lr, alpha)
-        params = list(params)
+    def _prox_all(self, params: list[Tensor], s: float) -> None:
+        if not use_foreach(params):
+            return super()._prox_all(params, s)
         for run in chunk_by_numel(params):
             clamped = torch._foreach_clamp_min(params[run], -s)
             torch._foreach_clamp_max_(clamped, s)
@@ -134,26 +132,23 @@ class L2(Penalty):
     def value(self, w: Tensor, alpha: float) -> Tensor:
         return 0.5 * alpha * _squared_l2(w)
 
-    def add_grad_(self, grads: Sequence[Tensor], params: Sequence[Tensor], alpha: float | None = None) -> None:
-        alpha = self.alpha if alpha is None else alpha
-        if alpha != 0.0 and use_foreach(params):
-            torch._foreach_add_(list(grads), list(params), alpha=alpha)
+    def _grad_all(self, grads: list[Tensor], params: list[Tensor], alpha: float) -> None:
+        if use_foreach(params):
+            torch._foreach_add_(grads, params, alpha=alpha)
         else:
-            super().add_grad_(grads, params, alpha)
+            super()._grad_all(grads, params, alpha)
 
-    def decay_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
-        s = lr * (self.alpha if alpha is None else alpha)
-        if s != 0.0 and use_foreach(params):
-            torch._foreach_mul_(list(params), 1.0 - s)
+    def _decay_all(self, params: list[Tensor], s: float) -> None:
+        if use_foreach(params):
+            torch._foreach_mul_(params, 1.0 - s)
         else:
-            super().decay_(params, lr, alpha)
+            super()._decay_all(params, s)
 
-    def prox_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
-        s = lr * (self.alpha if alpha is None else alpha)
-        if s != 0.0 and use_foreach(params):
-            torch._foreach_mul_(list(params), 1.0 / (1.0 + s))
+    def _prox_all(self, params: list[Tensor], s: float) -> None:
+        if use_foreach(params):
+            torch._foreach_mul_(params, 1.0 / (1.0 + s))
         else:
-            super().prox_(params, lr, alpha)
+            super()._prox_all(params, s)
 
     def _grad_one(self, g: Tensor, w: Tensor, alpha: float) -> None:
         g.add_(w, alpha=alpha)

@@ -78,24 +78,31 @@ class Penalty:
     def add_grad_(self, grads: Sequence[Tensor], params: Sequence[Tensor], alpha: float | None = None) -> None:
         """In place ``g += ∇R(w)`` for each pair (the gradient of ``R`` added to the loss's)."""
         alpha = self.alpha if alpha is None else alpha
-        if alpha == 0.0:
-            return
-        for g, w in zip(grads, params, strict=True):
-            self._grad_one(g, w, alpha)
+        if alpha != 0.0:
+            self._grad_all(list(grads), list(params), alpha)
 
     def decay_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
         """In place decoupled step ``w -= lr * ∇R(w)``; with ``L2`` this is AdamW's weight decay."""
         s = lr * (self.alpha if alpha is None else alpha)
-        if s == 0.0:
-            return
-        for w in params:
-            self._decay_one(w, s)
+        if s != 0.0:
+            self._decay_all(list(params), s)
 
     def prox_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
         """In place ``w <- prox_{lr R}(w) = argmin_v R(v) + ||v - w||² / (2 lr)``."""
         s = lr * (self.alpha if alpha is None else alpha)
-        if s == 0.0:
-            return
+        if s != 0.0:
+            self._prox_all(list(params), s)
+
+    # A subclass implements the per-tensor ``_*_one``; it overrides a ``_*_all`` only for a fused path.
+    def _grad_all(self, grads: list[Tensor], params: list[Tensor], alpha: float) -> None:
+        for g, w in zip(grads, params, strict=True):
+            self._grad_one(g, w, alpha)
+
+    def _decay_all(self, params: list[Tensor], s: float) -> None:
+        for w in params:
+            self._decay_one(w, s)
+
+    def _prox_all(self, params: list[Tensor], s: float) -> None:
         for w in params:
             self._prox_one(w, s)
 
