@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 
@@ -24,6 +25,11 @@ def is_log_step(trainer: pl.Trainer) -> bool:
 def logger_step(trainer: pl.Trainer) -> int:
     """The step number Lightning gives the current training batch's logged row."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
+    """The attached ``WandbLogger``s; checking costs nothing, Lightning imports wandb only when a run starts."""
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
 def to_floats(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:

@@ -8,12 +8,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from lightreg._checks import check_int, check_patterns, check_real
 from lightreg.distributed import check_model, is_dtensor
-from lightreg.emit import log_scalars
+from lightreg.emit import log_scalars, wandb_loggers
 from lightreg.selection import select_parameters
 from lightreg.statistics import EXTRAS, figure_names, figures, global_sparsity, reduce_partial_sums
 
@@ -129,7 +128,7 @@ class WeightMonitor(Callback):
         self._sharded = any(is_dtensor(p) for p in self.params)
         self._stepped = False
         self._wandb = None
-        if _wandb_loggers(trainer):
+        if wandb_loggers(trainer):
             from lightreg import wandb_extras  # only now: the core never imports wandb
 
             self._wandb = wandb_extras
@@ -174,11 +173,6 @@ class WeightMonitor(Callback):
         # Fires once per real step (not per micro-batch), after any proximal Regularizer hook that
         # was registered earlier; the figures themselves wait for on_train_batch_end, after all of them.
         self._stepped = True
-
-
-def _wandb_loggers(trainer: pl.Trainer) -> list[Any]:
-    # Lightning's WandbLogger module imports wandb only when a run starts, so this check is free.
-    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
 def _refuse_flat_shards(trainer: pl.Trainer) -> None:

@@ -61,6 +61,17 @@ def sparsity_report(
     return report_rows([n for n, _ in selected], [p for _, p in selected])
 
 
+def overall_sparsity(rows: Sequence[dict[str, Any]]) -> float:
+    """``Σ #zeros / Σ numel`` over report rows (each row's zero count rounds back to an exact integer).
+
+    Example:
+        >>> overall_sparsity([{"sparsity": 0.5, "numel": 4}, {"sparsity": 0.0, "numel": 4}])
+        0.25
+    """
+    numel = sum(r["numel"] for r in rows)
+    return sum(round(r["sparsity"] * r["numel"]) for r in rows) / numel if numel else 0.0
+
+
 def _fraction(value: float | None, total: int) -> str:
     if value is None:
         return "-"
@@ -75,11 +86,8 @@ def print_report(rows: Sequence[dict[str, Any]], title: str = "Weight sparsity")
     table = Table(title=title)
     for column, justify in zip(REPORT_COLUMNS, ("left", "left") + ("right",) * 6, strict=True):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    zeros = numel = 0
     for row in rows:
         shape = row["shape"]
-        zeros += round(row["sparsity"] * row["numel"])
-        numel += row["numel"]
         table.add_row(
             row["name"], "x".join(map(str, shape)) or "scalar", f"{row['numel']:,}", f"{row['l1']:.4g}",
             f"{row['l2']:.4g}", f"{row['sparsity']:.2%}",
@@ -88,7 +96,8 @@ def print_report(rows: Sequence[dict[str, Any]], title: str = "Weight sparsity")
         )
     if rows:
         table.add_section()
-        table.add_row("total", "", f"{numel:,}", "", "", f"{zeros / numel:.2%}" if numel else "-", "", "")
+        numel = sum(r["numel"] for r in rows)
+        table.add_row("total", "", f"{numel:,}", "", "", f"{overall_sparsity(rows):.2%}" if numel else "-", "", "")
     console = Console()
     if not console.is_terminal:  # rich falls back to 80 columns in logs and CI, which cuts names and figures
         console = Console(width=160)

@@ -13,19 +13,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import wandb
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from lightreg.distributed import is_dtensor, local_tensor
-from lightreg.emit import logger_step
-from lightreg.report import REPORT_COLUMNS
+from lightreg.emit import logger_step, wandb_loggers
+from lightreg.report import REPORT_COLUMNS, overall_sparsity
 from lightreg.statistics import counted_here
 
 HISTOGRAM_BINS = 64
-
-
-def _loggers(trainer: pl.Trainer) -> list[WandbLogger]:
-    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
 def table_data(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
@@ -33,16 +28,10 @@ def table_data(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
     return [[("x".join(map(str, r["shape"])) if c == "shape" else r[c]) for c in REPORT_COLUMNS] for r in rows]
 
 
-def overall_sparsity(rows: Sequence[dict[str, Any]]) -> float:
-    """``Σ #zeros / Σ numel`` over the rows (each row's zero count is an exact integer after rounding)."""
-    numel = sum(r["numel"] for r in rows)
-    return sum(round(r["sparsity"] * r["numel"]) for r in rows) / numel
-
-
 def log_fit_end(trainer: pl.Trainer, rows: Sequence[dict[str, Any]]) -> None:
     """Log ``weights/table`` (one row per layer) and set the summary ``weights/global/sparsity``."""
     sparsity = overall_sparsity(rows)
-    for logger in _loggers(trainer):
+    for logger in wandb_loggers(trainer):
         table = wandb.Table(columns=list(REPORT_COLUMNS), data=table_data(rows))
         logger.log_metrics({"weights/table": table}, step=logger_step(trainer))  # type: ignore[dict-item]
         logger.experiment.summary["weights/global/sparsity"] = sparsity
@@ -108,5 +97,5 @@ def log_histograms(trainer: pl.Trainer, names: Sequence[str], params: Sequence[T
     if not trainer.is_global_zero:
         return
     values = {f"weights/{n}/hist": wandb.Histogram(np_histogram=(c, e)) for n, (c, e) in zip(names, hists, strict=True)}
-    for logger in _loggers(trainer):
+    for logger in wandb_loggers(trainer):
         logger.log_metrics(values, step=logger_step(trainer))  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightreg import print_report, select_parameters, sparsity_report
+from lightreg import print_report, sparsity_report
 from lightreg.app.build import (
     build_callbacks,
     build_data,
@@ -39,6 +39,8 @@ from lightreg.app.build import (
 )
 from lightreg.app.config import ConfigError, RunContext, config_dir, register_resolvers
 from lightreg.app.tracking import abort_wandb, build_logger, finish_wandb, log_config
+from lightreg.emit import to_floats
+from lightreg.report import overall_sparsity
 
 #: Errors that mean "the configuration is wrong", reported without a traceback.
 BAD_INPUT = (ConfigError, ValueError, TypeError, HydraException, OmegaConfBaseException, MisconfigurationException)
@@ -80,17 +82,11 @@ def final_metrics(trainer: pl.Trainer, model: pl.LightningModule, data: Any, reg
     metrics = dict(fit_metrics)
     for result in test_results:
         metrics.update({k: float(v) for k, v in result.items()})
-    numel = sum(r["numel"] for r in rows)
-    metrics["weights/global/sparsity"] = sum(r["sparsity"] * r["numel"] for r in rows) / numel if numel else 0.0
+    metrics["weights/global/sparsity"] = overall_sparsity(rows)
     for row in rows:
         metrics[f"weights/{row['name']}/sparsity"] = row["sparsity"]
-    if regularizer is not None:
-        alpha = regularizer.current_alpha(max(trainer.global_step - 1, 0))
-        params = [p for _, p in select_parameters(model, regularizer.include, regularizer.exclude)]
-        metrics[f"reg/{regularizer.name}/alpha"] = alpha
-        if not any(type(p).__name__ == "DTensor" for p in params):  # a shard's value would be wrong
-            with torch.no_grad():
-                metrics[f"reg/{regularizer.name}/penalty"] = float(regularizer.penalty(params, alpha))
+    if regularizer is not None:  # R(w) of the final weights at the last step's alpha; a collective under FSDP2
+        metrics.update(to_floats(regularizer.metrics()))
     if getattr(data, "true_support", None) is not None:
         metrics.update(support_metrics(model, data.true_support))
     metrics.update({"trainer/global_step": float(trainer.global_step), "trainer/epoch": float(trainer.current_epoch),
