@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightreg._checks import check_int
 from lightreg.distributed import local_groups, local_tensor, replicate
-from lightreg.penalty import Penalty
+from lightreg.penalty import Penalty, Step, accumulation_dtype
 
 
 class GroupLasso(Penalty):
@@ -29,17 +29,18 @@ class GroupLasso(Penalty):
         >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
         >>> GroupLasso(1.0, dim=0)(w)  # sqrt(2) * (5 + 0.5)
         tensor(7.7782)
-        >>> GroupLasso(0.5, dim=0).prox_([w], lr=1.0); w[1]
+        >>> GroupLasso(0.5, dim=0).prox_(w, 1.0, 0.5); w[1]
         tensor([0., 0.])
     """
 
     name = "group_lasso"
+    makes_zeros = True
 
     def __init__(self, alpha: float, dim: int = 0) -> None:
         super().__init__(alpha)
         self.dim = check_int("dim", dim)
 
-    def _hparams(self) -> dict[str, float | int]:
+    def _hparams(self) -> dict[str, float | int | bool]:
         return {"alpha": self.alpha, "dim": self.dim}
 
     def check_tensor(self, name: str, w: Tensor) -> None:
@@ -66,18 +67,31 @@ class GroupLasso(Penalty):
 
     def value(self, w: Tensor, alpha: float) -> Tensor:
         self.check_tensor("tensor", w)
-        return alpha * self._group_scale(w) * self.group_norms(w).sum()
+        return alpha * self._group_scale(w) * self.group_norms(w).sum(dtype=accumulation_dtype(w))
 
     def _coefficient(self, w: Tensor, s: float) -> Tensor:
-        """``s * sqrt(|g|) / ||w_g||`` per group, ``0`` for an all-zero group."""
+        """``s * sqrt(|g|) / ||w_g||`` per group, ``0`` for an all-zero group (the subgradient's choice)."""
         norms = self.group_norms(w)
         return torch.where(norms > 0, (s * self._group_scale(w)) / norms, torch.zeros_like(norms))
 
-    def _grad_one(self, g: Tensor, w: Tensor, alpha: float) -> None:
+    def gradient(self, w: Tensor, alpha: float) -> Tensor:
+        return w * self._broadcast(self._coefficient(w, alpha), w)
+
+    def prox(self, w: Tensor, step: Step, alpha: float) -> Tensor:
+        out = w.detach().clone()
+        self.prox_(out, step, alpha)
+        return out
+
+    def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
         local_tensor(g).addcmul_(local_tensor(w), self._broadcast(self._coefficient(w, alpha), w))
 
-    def _decay_one(self, w: Tensor, s: float) -> None:
-        local_tensor(w).mul_(self._broadcast(1.0 - self._coefficient(w, s), w))
+    def decay_(self, w: Tensor, step: float, alpha: float) -> None:
+        local_tensor(w).mul_(self._broadcast(1.0 - self._coefficient(w, step * alpha), w))
 
-    def _prox_one(self, w: Tensor, s: float) -> None:
-        local_tensor(w).mul_(self._broadcast((1.0 - self._coefficient(w, s)).clamp_(min=0.0), w))
+    def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
+        if isinstance(step, Tensor):
+            raise NotImplementedError("GroupLasso.prox_ with a per-coordinate step")
+        # A group whose norm underflows to 0 (float32 entries of ~1e-23) is far below any threshold: the
+        # factor 1 - s/0 = -inf clamps to 0 and zeroes it, as it zeroes (keeps) an all-zero group.
+        thresholds = (step * alpha * self._group_scale(w)) / self.group_norms(w)
+        local_tensor(w).mul_(self._broadcast(thresholds.neg_().add_(1.0).clamp_(min=0.0), w))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightreg._checks import check_real
-from lightreg.penalty import Penalty
+from lightreg.penalty import Penalty, Step, accumulation_dtype
 
 
 def use_foreach(tensors: Sequence[Tensor]) -> bool:
@@ -45,59 +45,90 @@ def chunk_by_numel(tensors: Sequence[Tensor]) -> list[slice]:
 
 def _l1_norm(w: Tensor) -> Tensor:
     # On CPU abs().sum() is ~6x faster than vector_norm(ord=1), for one temporary of w's size.
-    return w.abs().sum()
+    return w.abs().sum(dtype=accumulation_dtype(w))
 
 
 def _squared_l2(w: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(w, ord=2).square()
+    return torch.linalg.vector_norm(w, ord=2, dtype=accumulation_dtype(w)).square()
 
 
-def soft_threshold_(w: Tensor, s: float) -> Tensor:
-    """In place ``sign(w) * max(|w| - s, 0)``: exact zeros where ``|w| <= s``.
+def soft_threshold_(w: Tensor, threshold: Step) -> Tensor:
+    """In place ``sign(w) * max(|w| - threshold, 0)``: exact zeros where ``|w| <= threshold``.
 
-    ATen's ``softshrink`` written into ``w`` is one read and one write of the tensor, the least an
-    in-place update can cost (``w - clamp(w, -s, s)`` is the same figure in two kernels and a
-    temporary). Some zeros may come out as ``-0.0``, which equals ``0`` in every comparison and count.
+    A float threshold uses ATen's ``softshrink`` written into ``w``: one read and one write of the
+    tensor, the least an in-place update can cost. A per-coordinate threshold (a tensor) takes one
+    temporary of ``w``'s size. Some zeros may come out as ``-0.0``, which equals ``0`` in every
+    comparison and count.
+
+    Example:
+        >>> soft_threshold_(torch.tensor([3.0, -0.5, 1.0]), torch.tensor([1.0, 1.0, 2.0]))
+        tensor([2., -0., 0.])
     """
-    return torch.ops.aten.softshrink.out(w, s, out=w)
+    if not isinstance(threshold, Tensor):
+        return torch.ops.aten.softshrink.out(w, threshold, out=w)
+    return w.copy_(w.abs().sub_(threshold).clamp_(min=0.0).copysign_(w))
+
+
+def soft_threshold(w: Tensor, threshold: Step) -> Tensor:
+    """``sign(w) * max(|w| - threshold, 0)`` as a new tensor (differentiable where it is smooth)."""
+    return w.abs().sub(threshold).clamp(min=0.0).copysign(w)
+
+
+def _scale_(w: Tensor, step: Step, c: float) -> Tensor:
+    """In place ``w / (1 + step * c)``; a tensor ``step`` takes one temporary of its size."""
+    if c == 0.0:
+        return w
+    if isinstance(step, Tensor):
+        return w.div_(torch.mul(step, c).add_(1.0))
+    return w.mul_(1.0 / (1.0 + step * c))
 
 
 class L1(Penalty):
     """Lasso penalty ``R(w) = alpha * sum|w|``.
 
-    Subgradient ``alpha * sign(w)``; proximal step soft-thresholding at ``lr * alpha``, the only way
-    to get exact zeros. Keras ``l1(x)`` is ``L1(alpha=x)``; scikit-learn ``Lasso(alpha)`` is the same
-    alpha with loss ``mean((y - Xw)²) / 2``.
+    Subgradient ``alpha * sign(w)``; proximal step soft-thresholding at ``step * alpha`` (per
+    coordinate when ``step`` is a tensor), the only way to get exact zeros. Keras ``l1(x)`` is
+    ``L1(alpha=x)``; scikit-learn ``Lasso(alpha)`` is the same alpha with loss ``mean((y - Xw)²) / 2``.
 
     Args:
         alpha: strength, a finite float >= 0.
 
     Example:
-        >>> import torch
         >>> L1(0.5)(torch.tensor([1.0, -2.0, 0.0]))
         tensor(1.5000)
-        >>> w = torch.tensor([1.0, -0.2, 0.3]); L1(0.5).prox_([w], lr=1.0); w.tolist()
+        >>> w = torch.tensor([1.0, -0.2, 0.3]); L1(0.5).prox_(w, 1.0, 0.5); w.tolist()
         [0.5, -0.0, 0.0]
     """
 
     name = "l1"
     elementwise = True
+    makes_zeros = True
 
     def value(self, w: Tensor, alpha: float) -> Tensor:
         return alpha * _l1_norm(w)
 
-    def _grad_one(self, g: Tensor, w: Tensor, alpha: float) -> None:
+    def gradient(self, w: Tensor, alpha: float) -> Tensor:
+        return alpha * w.sign()
+
+    def prox(self, w: Tensor, step: Step, alpha: float) -> Tensor:
+        return soft_threshold(w, step * alpha)
+
+    def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
         g.add_(w.sign(), alpha=alpha)
 
-    def _decay_one(self, w: Tensor, s: float) -> None:
-        w.sub_(w.sign(), alpha=s)
+    def decay_(self, w: Tensor, step: float, alpha: float) -> None:
+        w.sub_(w.sign(), alpha=step * alpha)
 
-    def _prox_one(self, w: Tensor, s: float) -> None:
-        soft_threshold_(w, s)
+    def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
+        soft_threshold_(w, step * alpha)
 
-    def _prox_all(self, params: list[Tensor], s: float) -> None:
-        if not use_foreach(params):
-            return super()._prox_all(params, s)
+    def apply_prox_(self, params: Sequence[Tensor], steps: Step | Sequence[Step], alpha: float | None = None) -> None:
+        alpha = self.alpha if alpha is None else alpha
+        if not (isinstance(steps, (int, float)) and use_foreach(params)):
+            return super().apply_prox_(params, steps, alpha)
+        s = steps * alpha
+        if s == 0.0:
+            return
         for run in chunk_by_numel(params):
             clamped = torch._foreach_clamp_min(params[run], -s)
             torch._foreach_clamp_max_(clamped, s)
@@ -108,17 +139,16 @@ class L2(Penalty):
     """Ridge penalty ``R(w) = (alpha / 2) * sum w²``.
 
     Gradient ``alpha * w``, so mode ``gradient`` equals torch ``weight_decay=alpha`` and mode
-    ``decoupled`` with Adam equals ``AdamW(weight_decay=alpha)``. Proximal step ``w / (1 + lr*alpha)``.
+    ``decoupled`` with Adam equals ``AdamW(weight_decay=alpha)``. Proximal step ``w / (1 + step*alpha)``.
     Keras ``l2(x)`` is ``L2(alpha=2 * x)`` (Keras has no ½).
 
     Args:
         alpha: strength, a finite float >= 0.
 
     Example:
-        >>> import torch
         >>> L2(0.5)(torch.tensor([1.0, -2.0]))
         tensor(1.2500)
-        >>> w = torch.tensor([3.0, -1.5]); L2(0.5).prox_([w], lr=1.0); w
+        >>> w = torch.tensor([3.0, -1.5]); L2(0.5).prox_(w, 1.0, 0.5); w
         tensor([ 2., -1.])
     """
 
@@ -132,32 +162,41 @@ class L2(Penalty):
     def value(self, w: Tensor, alpha: float) -> Tensor:
         return 0.5 * alpha * _squared_l2(w)
 
-    def _grad_all(self, grads: list[Tensor], params: list[Tensor], alpha: float) -> None:
-        if use_foreach(params):
-            torch._foreach_add_(grads, params, alpha=alpha)
-        else:
-            super()._grad_all(grads, params, alpha)
+    def gradient(self, w: Tensor, alpha: float) -> Tensor:
+        return alpha * w
 
-    def _decay_all(self, params: list[Tensor], s: float) -> None:
-        if use_foreach(params):
-            torch._foreach_mul_(params, 1.0 - s)
-        else:
-            super()._decay_all(params, s)
+    def prox(self, w: Tensor, step: Step, alpha: float) -> Tensor:
+        return w / (1.0 + step * alpha)
 
-    def _prox_all(self, params: list[Tensor], s: float) -> None:
-        if use_foreach(params):
-            torch._foreach_mul_(params, 1.0 / (1.0 + s))
-        else:
-            super()._prox_all(params, s)
-
-    def _grad_one(self, g: Tensor, w: Tensor, alpha: float) -> None:
+    def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
         g.add_(w, alpha=alpha)
 
-    def _decay_one(self, w: Tensor, s: float) -> None:
-        w.mul_(1.0 - s)
+    def decay_(self, w: Tensor, step: float, alpha: float) -> None:
+        w.mul_(1.0 - step * alpha)
 
-    def _prox_one(self, w: Tensor, s: float) -> None:
-        w.mul_(1.0 / (1.0 + s))
+    def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
+        _scale_(w, step, alpha)
+
+    def apply_gradient_(self, grads: Sequence[Tensor], params: Sequence[Tensor], alpha: float | None = None) -> None:
+        alpha = self.alpha if alpha is None else alpha
+        if use_foreach(params) and alpha != 0.0:
+            torch._foreach_add_(list(grads), list(params), alpha=alpha)
+        else:
+            super().apply_gradient_(grads, params, alpha)
+
+    def apply_decay_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
+        alpha = self.alpha if alpha is None else alpha
+        if use_foreach(params) and lr * alpha != 0.0:
+            torch._foreach_mul_(list(params), 1.0 - lr * alpha)
+        else:
+            super().apply_decay_(params, lr, alpha)
+
+    def apply_prox_(self, params: Sequence[Tensor], steps: Step | Sequence[Step], alpha: float | None = None) -> None:
+        alpha = self.alpha if alpha is None else alpha
+        if isinstance(steps, (int, float)) and use_foreach(params) and steps * alpha != 0.0:
+            torch._foreach_mul_(list(params), 1.0 / (1.0 + steps * alpha))
+        else:
+            super().apply_prox_(params, steps, alpha)
 
 
 class ElasticNet(Penalty):
@@ -165,17 +204,16 @@ class ElasticNet(Penalty):
 
     Exactly scikit-learn's ``ElasticNet(alpha, l1_ratio)`` penalty (with loss ``mean((y - Xw)²) / 2``).
     Subgradient ``alpha*rho*sign(w) + alpha*(1 - rho)*w``; proximal step
-    ``soft_threshold(w, lr*alpha*rho) / (1 + lr*alpha*(1 - rho))``.
+    ``soft_threshold(w, step*alpha*rho) / (1 + step*alpha*(1 - rho))``.
 
     Args:
         alpha: strength, a finite float >= 0.
         l1_ratio: mix ``rho`` in [0, 1]; 1 is ``L1(alpha)``, 0 is ``L2(alpha)``.
 
     Example:
-        >>> import torch
         >>> ElasticNet(1.0, l1_ratio=0.5)(torch.tensor([2.0, 0.0]))
         tensor(2.)
-        >>> w = torch.tensor([2.0, 0.25]); ElasticNet(1.0, 0.5).prox_([w], lr=1.0); w
+        >>> w = torch.tensor([2.0, 0.25]); ElasticNet(1.0, 0.5).prox_(w, 1.0, 1.0); w
         tensor([1., 0.])
     """
 
@@ -186,8 +224,12 @@ class ElasticNet(Penalty):
         super().__init__(alpha)
         self.l1_ratio = check_real("l1_ratio", l1_ratio, low=0.0, high=1.0)
 
-    def _hparams(self) -> dict[str, float | int]:
+    def _hparams(self) -> dict[str, float | int | bool]:
         return {"alpha": self.alpha, "l1_ratio": self.l1_ratio}
+
+    @property
+    def makes_zeros(self) -> bool:  # type: ignore[override]
+        return self.l1_ratio > 0
 
     @property
     def l2_part(self) -> bool:
@@ -197,13 +239,24 @@ class ElasticNet(Penalty):
         rho = self.l1_ratio
         return alpha * rho * _l1_norm(w) + 0.5 * alpha * (1.0 - rho) * _squared_l2(w)
 
-    def _grad_one(self, g: Tensor, w: Tensor, alpha: float) -> None:
+    def gradient(self, w: Tensor, alpha: float) -> Tensor:
+        return alpha * self.l1_ratio * w.sign() + alpha * (1.0 - self.l1_ratio) * w
+
+    def prox(self, w: Tensor, step: Step, alpha: float) -> Tensor:
+        rho = self.l1_ratio
+        return soft_threshold(w, step * (alpha * rho)) / (1.0 + step * (alpha * (1.0 - rho)))
+
+    def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
         g.add_(w.sign(), alpha=alpha * self.l1_ratio).add_(w, alpha=alpha * (1.0 - self.l1_ratio))
 
-    def _decay_one(self, w: Tensor, s: float) -> None:
+    def decay_(self, w: Tensor, step: float, alpha: float) -> None:
         # sign(w) is taken before w moves; scaling by a positive factor first would not change it.
+        s, rho = step * alpha, self.l1_ratio
         sign = w.sign()
-        w.mul_(1.0 - s * (1.0 - self.l1_ratio)).sub_(sign, alpha=s * self.l1_ratio)
+        w.mul_(1.0 - s * (1.0 - rho)).sub_(sign, alpha=s * rho)
 
-    def _prox_one(self, w: Tensor, s: float) -> None:
-        soft_threshold_(w, s * self.l1_ratio).mul_(1.0 / (1.0 + s * (1.0 - self.l1_ratio)))
+    def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
+        rho = self.l1_ratio
+        if rho > 0.0:
+            soft_threshold_(w, step * (alpha * rho))
+        _scale_(w, step, alpha * (1.0 - rho))

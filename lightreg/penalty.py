@@ -1,8 +1,16 @@
-"""The ``Penalty`` base: ``R(w)`` summed over tensors, its gradient and its proximal operator.
+"""The ``Penalty`` contract: ``R(w)``, its gradient and its proximal operator, one tensor at a time.
 
-Every operation is a plain tensor function. R is linear in alpha, so the decoupled step depends on
-``lr * alpha`` alone and so does the proximal step; both receive that product, ``s``, which keeps the
-hot path free of per-tensor scalar work.
+A penalty is three pure functions named after the math, which is all a user-defined penalty has to
+write (see ``docs/extending.md``):
+
+* ``value(w, alpha)``: ``R(w)``, differentiable, so ``loss + penalty(params)`` works;
+* ``gradient(w, alpha)``: ``∇R(w)`` (a subgradient where ``R`` has a kink);
+* ``prox(w, step, alpha)``: ``argmin_v R(v) + Σ_i (v_i - w_i)² / (2 step_i)``, where ``step`` is a float
+  or a tensor broadcastable to ``w`` (a per-coordinate step, as an adaptive optimizer takes).
+
+The ``Regularizer`` calls the in-place forms ``add_gradient_``, ``decay_`` and ``prox_``; their defaults
+are built from the three functions above, and the built-in penalties override them with fused,
+temporary-free kernels. The ``apply_*`` methods run one of them over lists of tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ import torch
 from torch import Tensor
 
 from lightreg._checks import check_real
+
+#: A prox step: one float for every coordinate, or a tensor broadcastable to the weight.
+Step = float | Tensor
 
 
 def _as_tensor_list(tensors: Tensor | Iterable[Tensor]) -> list[Tensor]:
@@ -25,19 +36,44 @@ def _as_tensor_list(tensors: Tensor | Iterable[Tensor]) -> list[Tensor]:
     return tensors
 
 
+def accumulation_dtype(w: Tensor) -> torch.dtype:
+    """The dtype a sum over ``w`` is accumulated in: float32 for 16-bit floats (whose max is 65504).
+
+    Example:
+        >>> accumulation_dtype(torch.zeros(2, dtype=torch.float16))
+        torch.float32
+    """
+    return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+
+
 class Penalty:
     """Base of every penalty: ``R(w)`` summed over tensors, its gradient and its proximal operator.
 
-    Subclasses implement the per-tensor ``value``, ``_grad_one``, ``_decay_one`` and ``_prox_one``;
-    ``name`` is the default metric name (``reg/<name>/penalty``).
+    A subclass implements ``value``, ``gradient`` and ``prox`` for one tensor (all three pure), and may
+    override the in-place ``add_gradient_``, ``decay_`` and ``prox_`` for speed. ``name`` is the default
+    metric name (``reg/<name>/penalty``).
 
     Args:
         alpha: strength, a finite float >= 0.
+
+    Example:
+        >>> class Cauchy(Penalty):  # R(w) = alpha * sum log(1 + w²): a smooth, non-convex penalty
+        ...     name = "cauchy"
+        ...     def value(self, w, alpha):
+        ...         return alpha * torch.log1p(w * w).sum()
+        ...     def gradient(self, w, alpha):
+        ...         return alpha * 2 * w / (1 + w * w)
+        >>> Cauchy(0.5)(torch.tensor([0.0, 1.0]))
+        tensor(0.3466)
+        >>> w = torch.tensor([1.0]); Cauchy(0.5).decay_(w, step=0.1, alpha=0.5); w
+        tensor([0.9500])
     """
 
     name = "penalty"
     #: ``R`` is a sum of per-element terms, so every operation may act on each shard of a sharded tensor alone.
     elementwise = False
+    #: The proximal step of ``R`` sets whole entries to exactly zero (``L1``-like penalties): target sparsity applies.
+    makes_zeros = False
 
     def __init__(self, alpha: float) -> None:
         self.alpha = check_real("alpha", alpha)
@@ -52,7 +88,7 @@ class Penalty:
     def __hash__(self) -> int:
         return hash((type(self), tuple(self._hparams().items())))
 
-    def _hparams(self) -> dict[str, float | int]:
+    def _hparams(self) -> dict[str, float | int | bool]:
         return {"alpha": self.alpha}
 
     @property
@@ -61,56 +97,69 @@ class Penalty:
         return False
 
     def __call__(self, tensors: Tensor | Iterable[Tensor], alpha: float | None = None) -> Tensor:
-        """Differentiable ``sum_w R(w)``, so ``loss + penalty(model.parameters())`` works."""
+        """Differentiable ``Σ_w R(w)``, so ``loss + penalty(model.parameters())`` works.
+
+        Sums are accumulated in float32 at least: a float16 model's penalty is finite and exact enough.
+        """
         alpha = self.alpha if alpha is None else alpha
         tensors = _as_tensor_list(tensors)
         if not tensors:
             raise ValueError("tensors is empty: there is nothing to penalise")
         return torch.stack([self.value(w, alpha) for w in tensors]).sum()
 
+    # ---- the contract: three pure functions of one tensor ----------------------------------------
     def value(self, w: Tensor, alpha: float) -> Tensor:
-        """``R(w)`` of one tensor at strength ``alpha`` (differentiable)."""
-        raise NotImplementedError
+        """``R(w)`` of one tensor at strength ``alpha``: a 0-d tensor, differentiable."""
+        raise NotImplementedError(f"{type(self).__name__} must implement value(w, alpha)")
+
+    def gradient(self, w: Tensor, alpha: float) -> Tensor:
+        """``∇R(w)`` (a subgradient at kinks), a new tensor shaped like ``w``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement gradient(w, alpha) for modes 'gradient' and 'decoupled'")
+
+    def prox(self, w: Tensor, step: Step, alpha: float) -> Tensor:
+        """``argmin_v R(v) + Σ_i (v_i - w_i)² / (2 step_i)``, a new tensor; ``step`` a float or a tensor."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prox(w, step, alpha) for mode 'proximal'")
 
     def check_tensor(self, name: str, w: Tensor) -> None:
         """Raise ``ValueError`` if the penalty cannot apply to ``w``; called before any weight changes."""
 
-    def add_grad_(self, grads: Sequence[Tensor], params: Sequence[Tensor], alpha: float | None = None) -> None:
-        """In place ``g += ∇R(w)`` for each pair (the gradient of ``R`` added to the loss's)."""
+    # ---- in place, one tensor: what the callback calls (built-ins override these) ------------------
+    def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
+        """``g += ∇R(w)``: the gradient of ``R`` added to the loss's."""
+        g.add_(self.gradient(w, alpha))
+
+    def decay_(self, w: Tensor, step: float, alpha: float) -> None:
+        """``w -= step * ∇R(w)``: the decoupled step (with ``L2``, AdamW's weight decay)."""
+        w.sub_(self.gradient(w, alpha), alpha=step)
+
+    def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
+        """``w <- prox_{step R}(w)``."""
+        w.copy_(self.prox(w, step, alpha))
+
+    # ---- over lists of tensors -----------------------------------------------------------------------
+    def apply_gradient_(self, grads: Sequence[Tensor], params: Sequence[Tensor], alpha: float | None = None) -> None:
+        """``g += ∇R(w)`` for each pair."""
         alpha = self.alpha if alpha is None else alpha
         if alpha != 0.0:
-            self._grad_all(list(grads), list(params), alpha)
+            for g, w in zip(grads, params, strict=True):
+                self.add_gradient_(g, w, alpha)
 
-    def decay_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
-        """In place decoupled step ``w -= lr * ∇R(w)``; with ``L2`` this is AdamW's weight decay."""
-        s = lr * (self.alpha if alpha is None else alpha)
-        if s != 0.0:
-            self._decay_all(list(params), s)
+    def apply_decay_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
+        """``w -= lr * ∇R(w)`` for each tensor, with one learning rate."""
+        alpha = self.alpha if alpha is None else alpha
+        if lr * alpha != 0.0:
+            for w in params:
+                self.decay_(w, lr, alpha)
 
-    def prox_(self, params: Sequence[Tensor], lr: float, alpha: float | None = None) -> None:
-        """In place ``w <- prox_{lr R}(w) = argmin_v R(v) + ||v - w||² / (2 lr)``."""
-        s = lr * (self.alpha if alpha is None else alpha)
-        if s != 0.0:
-            self._prox_all(list(params), s)
-
-    # A subclass implements the per-tensor ``_*_one``; it overrides a ``_*_all`` only for a fused path.
-    def _grad_all(self, grads: list[Tensor], params: list[Tensor], alpha: float) -> None:
-        for g, w in zip(grads, params, strict=True):
-            self._grad_one(g, w, alpha)
-
-    def _decay_all(self, params: list[Tensor], s: float) -> None:
-        for w in params:
-            self._decay_one(w, s)
-
-    def _prox_all(self, params: list[Tensor], s: float) -> None:
-        for w in params:
-            self._prox_one(w, s)
-
-    def _grad_one(self, g: Tensor, w: Tensor, alpha: float) -> None:
-        raise NotImplementedError
-
-    def _decay_one(self, w: Tensor, s: float) -> None:
-        raise NotImplementedError
-
-    def _prox_one(self, w: Tensor, s: float) -> None:
-        raise NotImplementedError
+    def apply_prox_(self, params: Sequence[Tensor], steps: Step | Sequence[Step], alpha: float | None = None) -> None:
+        """``w <- prox_{t R}(w)`` for each tensor; ``steps`` is one float for all, or one step per tensor."""
+        alpha = self.alpha if alpha is None else alpha
+        if alpha == 0.0:
+            return
+        if isinstance(steps, (int, float)):
+            if steps != 0.0:
+                for w in params:
+                    self.prox_(w, float(steps), alpha)
+            return
+        for w, step in zip(params, steps, strict=True):
+            self.prox_(w, step, alpha)

@@ -191,19 +191,19 @@ class Regularizer(Callback):
             pairs = [(p.grad, p) for p in target.params if p.grad is not None]
             if pairs:
                 grads, params = zip(*pairs, strict=True)
-                self.penalty.add_grad_(self._operands(grads), self._operands(params), alpha)
+                self.penalty.apply_gradient_(self._operands(grads), self._operands(params), alpha)
 
     @torch.no_grad()
     def apply_decoupled(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w -= lr * ∇R(w)`` with each param group's ``lr``."""
         for target in self._targets_of(optimizer):
-            self.penalty.decay_(self._operands(target.params), _lr(target.group), alpha)
+            self.penalty.apply_decay_(self._operands(target.params), _lr(target.group), alpha)
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w <- prox_{lr R}(w)`` with each param group's ``lr``."""
         for target in self._targets_of(optimizer):
-            self.penalty.prox_(self._operands(target.params), _lr(target.group), alpha)
+            self.penalty.apply_prox_(self._operands(target.params), _lr(target.group), alpha)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Tensor | float]:

@@ -56,17 +56,17 @@ class RecordingL1(L1):
 
     seen: set = set()
 
-    def prox_(self, params, lr, alpha=None):
+    def apply_prox_(self, params, steps, alpha=None):
         self.seen.update(type(p).__name__ for p in params)
-        return super().prox_(params, lr, alpha)
+        return super().apply_prox_(params, steps, alpha)
 
 
 class RecordingGroupLasso(GroupLasso):
     seen: set = set()
 
-    def prox_(self, params, lr, alpha=None):
+    def apply_prox_(self, params, steps, alpha=None):
         self.seen.update(type(p).__name__ for p in params)
-        return super().prox_(params, lr, alpha)
+        return super().apply_prox_(params, steps, alpha)
 
 
 def _fsdp(**kw):

@@ -42,7 +42,7 @@ def test_value_and_gradient_match_autograd_of_the_formula(penalty, shape):
 
     ref.backward()
     grads = [torch.zeros_like(x) for x in ws]
-    penalty.add_grad_(grads, [x.detach() for x in ws])
+    penalty.apply_gradient_(grads, [x.detach() for x in ws])
     for g, x in zip(grads, ws):
         # sqrt(sum g²) has no derivative at an all-zero group; the convention picks the subgradient 0.
         torch.testing.assert_close(g, x.grad.nan_to_num(nan=0.0), rtol=1e-12, atol=1e-15)
@@ -63,7 +63,7 @@ def test_decoupled_step_is_w_minus_lr_times_gradient(penalty):
     explicit_value(penalty, w).backward()
     expected = w.detach() - 0.1 * w.grad.nan_to_num(nan=0.0)
     ours = weights()
-    penalty.decay_([ours], lr=0.1)
+    penalty.apply_decay_([ours], lr=0.1)
     torch.testing.assert_close(ours, expected, rtol=1e-13, atol=1e-15)
 
 
@@ -73,7 +73,7 @@ def test_prox_matches_closed_form(penalty, lr):
     w = weights()
     expected = explicit_prox(penalty, w, lr)
     ours = w.clone()
-    penalty.prox_([ours], lr=lr)
+    penalty.apply_prox_([ours], lr)
     torch.testing.assert_close(ours, expected, rtol=1e-13, atol=1e-15)
     assert torch.equal(ours == 0, expected == 0)  # exact zeros, not tiny numbers
 
@@ -83,7 +83,7 @@ def test_prox_minimises_the_prox_objective(penalty):
     """prox_{tR}(w) = argmin_v R(v) + ||v - w||² / (2t): no nearby point does better."""
     w, t = weights(), 0.4
     v = w.clone()
-    penalty.prox_([v], lr=t)
+    penalty.apply_prox_([v], t)
 
     def objective(x):
         return float(explicit_value(penalty, x) + ((x - w) ** 2).sum() / (2 * t))
@@ -96,15 +96,15 @@ def test_prox_minimises_the_prox_objective(penalty):
 
 def test_soft_threshold_zeroes_exactly_and_keeps_the_sign():
     w = torch.tensor([-2.0, -0.5, -0.1, 0.0, 0.1, 0.5, 2.0])
-    L1(1.0).prox_([w], lr=0.5)
+    L1(1.0).apply_prox_([w], 0.5)
     assert w.tolist() == [-1.5, 0.0, 0.0, 0.0, 0.0, 0.0, 1.5]
 
 
 def test_explicit_alpha_overrides_and_zero_alpha_is_a_no_op():
     w = weights()
     before = w.clone()
-    L1(0.5).prox_([w], lr=1.0, alpha=0.0)
-    ElasticNet(0.5).decay_([w], lr=1.0, alpha=0.0)
+    L1(0.5).apply_prox_([w], 1.0, alpha=0.0)
+    ElasticNet(0.5).apply_decay_([w], lr=1.0, alpha=0.0)
     assert torch.equal(w, before)
     assert torch.equal(L1(0.5)(w, alpha=1.0), L1(1.0)(w))
 
@@ -115,18 +115,18 @@ def test_foreach_path_equals_the_loop(monkeypatch, penalty):
     tensors = [torch.randn(shape) for shape in [(6, 5), (40, 3), (2, 2), (7,)]]
     loop = [t.clone() for t in tensors]
     fused = [t.clone() for t in tensors]
-    penalty.prox_(loop, lr=0.3)
+    penalty.apply_prox_(loop, 0.3)
     monkeypatch.setattr(penalties_module, "use_foreach", lambda ts: True)
-    penalty.prox_(fused, lr=0.3)
+    penalty.apply_prox_(fused, 0.3)
     for a, b in zip(loop, fused):
         assert torch.equal(a, b)
     if isinstance(penalty, L2):
         g_loop, g_fused = [torch.ones_like(t) for t in tensors], [torch.ones_like(t) for t in tensors]
-        penalty.add_grad_(g_fused, tensors)
-        penalty.decay_(fused, lr=0.3)
+        penalty.apply_gradient_(g_fused, tensors)
+        penalty.apply_decay_(fused, lr=0.3)
         monkeypatch.setattr(penalties_module, "use_foreach", lambda ts: False)
-        penalty.add_grad_(g_loop, tensors)
-        penalty.decay_(loop, lr=0.3)
+        penalty.apply_gradient_(g_loop, tensors)
+        penalty.apply_decay_(loop, lr=0.3)
         assert all(torch.equal(a, b) for a, b in zip(g_loop, g_fused))
         assert all(torch.equal(a, b) for a, b in zip(loop, fused))
 
@@ -186,3 +186,36 @@ def test_penalty_added_to_a_loss_trains_like_a_hand_written_one():
     (ref(x).pow(2).mean() + 0.01 * sum(p.abs().sum() for p in ref.parameters())).backward()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("penalty", [L1(0.3), L2(0.7), ElasticNet(0.5, l1_ratio=0.3), ElasticNet(0.5, 0.0)], ids=repr)
+def test_per_coordinate_prox_matches_the_closed_form_coordinate_by_coordinate(penalty):
+    """With a tensor step the prox is the scalar prox of each coordinate at its own step."""
+    w = weights()
+    steps = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) * 2 + 0.01
+    expected = w.clone()
+    for idx in range(w.numel()):
+        i, j = divmod(idx, w.shape[1])
+        expected[i, j] = explicit_prox(penalty, w[i, j].reshape(1), float(steps[i, j]))[0]
+    in_place = w.clone()
+    penalty.prox_(in_place, steps, penalty.alpha)
+    torch.testing.assert_close(in_place, expected, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(penalty.prox(w, steps, penalty.alpha), expected, rtol=1e-13, atol=1e-15)
+    assert torch.equal(in_place == 0, expected == 0)
+
+
+@pytest.mark.parametrize("penalty", PENALTIES[:3], ids=repr)
+def test_float16_value_is_accumulated_in_float32(penalty):
+    """A float16 sum overflows at 65504; the value of a large float16 tensor stays finite and exact to float32."""
+    w = torch.full((4000, 64), 3.0, dtype=torch.float16)
+    expected = explicit_value(penalty, w.double())
+    got = penalty(w)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_group_lasso_zeroes_a_group_whose_norm_underflows():
+    w = torch.full((3, 4), 1e-23, dtype=torch.float32)
+    w[0] = 1.0
+    GroupLasso(0.1, dim=0).prox_(w, 1.0, 0.1)
+    assert torch.equal(w[1:], torch.zeros(2, 4)) and (w[0] > 0).all()

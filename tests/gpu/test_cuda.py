@@ -49,9 +49,9 @@ def test_foreach_fast_path_matches_formula_and_cpu_loop(key, op):
     expected = _explicit(op, key, cpu, gcpu, s)
     for ws, gs in ((cuda, gcuda), (cpu, gcpu)):
         if op == "grad":
-            penalty.add_grad_(gs, ws)
+            penalty.apply_gradient_(gs, ws)
         else:
-            getattr(penalty, f"{op}_")(ws, lr)
+            getattr(penalty, f"apply_{op}_")(ws, lr)
     got_cuda = gcuda if op == "grad" else cuda
     got_cpu = gcpu if op == "grad" else cpu
     for a, b, e in zip(got_cuda, got_cpu, expected, strict=True):
@@ -62,8 +62,8 @@ def test_foreach_fast_path_matches_formula_and_cpu_loop(key, op):
 def test_elastic_net_and_group_lasso_on_cuda_match_cpu():
     for penalty in (ElasticNet(0.3, 0.4), GroupLasso(0.3, dim=1)):
         cuda, cpu = _tensors("cuda")[:1], _tensors("cpu")[:1]
-        penalty.prox_(cuda, 0.5)
-        penalty.prox_(cpu, 0.5)
+        penalty.apply_prox_(cuda, 0.5)
+        penalty.apply_prox_(cpu, 0.5)
         torch.testing.assert_close(cuda[0].cpu(), cpu[0], rtol=1e-14, atol=1e-15)
 
 
