@@ -201,9 +201,16 @@ class Regularizer(Callback):
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
-        """``w <- prox_{lr R}(w)`` with each param group's ``lr``."""
+        """``w <- prox_{t R}(w)`` with ``t`` the step the optimizer took (``prox_steps``)."""
         for target in self._targets_of(optimizer):
-            self.penalty.apply_prox_(self._operands(target.params), _lr(target.group), alpha)
+            steps = self.prox_steps(optimizer, target.group, target.params)
+            self.penalty.apply_prox_(self._operands(target.params), steps, alpha)
+
+    def prox_steps(
+        self, optimizer: torch.optim.Optimizer, group: dict[str, Any], params: Sequence[Tensor]
+    ) -> float | list[float | Tensor]:
+        """The prox step of each parameter: the param group's ``lr`` (one float for all of them)."""
+        return _lr(group)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Tensor | float]:
