@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from numbers import Real
 
+import torch
+
 
 def check_real(name: str, value: object, *, low: float = 0.0, high: float = math.inf) -> float:
     """Return ``value`` as a float if it is a finite real in ``[low, high]``; raise otherwise."""
@@ -29,7 +31,10 @@ def check_int(name: str, value: object, *, low: int | None = None) -> int:
 
 
 def check_patterns(name: str, patterns: object) -> tuple[str, ...] | None:
-    """Normalise ``include``/``exclude``: ``None``, one glob string, or a sequence of glob strings."""
+    """Normalise ``include``/``exclude``: ``None``, one glob string, or a sequence of glob strings.
+
+    An empty ``include`` would select nothing, ever: it is refused (``None`` means the default rule).
+    """
     if patterns is None:
         return None
     if isinstance(patterns, str):
@@ -37,7 +42,77 @@ def check_patterns(name: str, patterns: object) -> tuple[str, ...] | None:
     if not isinstance(patterns, Sequence):
         # Hydra's ListConfig is a Sequence; sets and generators would lose order or be consumed.
         raise TypeError(f"{name} must be a glob string or a list of them, got {patterns!r}")
+    if name == "include" and len(patterns) == 0:
+        raise ValueError("include=[] selects no parameter; pass include=None for the default rule")
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
             raise TypeError(f"{name} must hold non-empty glob strings, got {pattern!r} in {list(patterns)!r}")
     return tuple(patterns)
+
+
+def check_tensor_kind(name: str, w: object, who: str) -> None:
+    """Raise ``TypeError`` unless ``w`` is a dense (strided) real floating-point tensor.
+
+    ``who`` names the caller in the message, e.g. ``"L1"``. Complex, integer and boolean tensors, and
+    sparse or other non-strided layouts, are refused before any weight changes.
+
+    Example:
+        >>> check_tensor_kind("net.0.weight", torch.zeros(2, dtype=torch.complex64), "L1")
+        Traceback (most recent call last):
+        ...
+        TypeError: L1 cannot penalise 'net.0.weight': its dtype is torch.complex64; only real floating-point tensors (float16, bfloat16, float32, float64) are supported
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{who} cannot penalise {name!r}: it is a {type(w).__name__}, not a tensor")
+    if w.layout != torch.strided:
+        raise TypeError(f"{who} cannot penalise {name!r}: its layout is {w.layout}; only dense (strided) tensors are supported")
+    if not w.is_floating_point():
+        raise TypeError(
+            f"{who} cannot penalise {name!r}: its dtype is {w.dtype}; only real floating-point tensors "
+            "(float16, bfloat16, float32, float64) are supported"
+        )
+
+
+def check_optimizer_group(who: str, optimizer: torch.optim.Optimizer, index: int, names: Sequence[str]) -> None:
+    """Refuse an optimizer param group whose selected parameters ``names`` no penalty mode can serve right.
+
+    ``LBFGS`` evaluates its closure several times per step (Lightning runs ``on_before_optimizer_step``
+    inside it) and its line search never sees the penalty; ``maximize=True`` ascends the loss, so a
+    penalty added to the gradient would be maximised while a decoupled or proximal step minimises it.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> check_optimizer_group("Regularizer 'l1'", torch.optim.SGD([w], lr=0.1, maximize=True), 0, ["w"])
+        Traceback (most recent call last):
+        ...
+        ValueError: Regularizer 'l1': SGD param group 0 has maximize=True (it holds ['w']); the penalty is always minimised, so negate the loss and keep maximize=False
+    """
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError(
+            f"{who}: LBFGS is not supported (it holds {list(names)}): it evaluates the closure several times per step "
+            "and its line search never sees the penalty; use a first-order optimizer, or add the penalty to the loss"
+        )
+    if optimizer.param_groups[index].get("maximize", False):
+        raise ValueError(
+            f"{who}: {type(optimizer).__name__} param group {index} has maximize=True (it holds {list(names)}); "
+            "the penalty is always minimised, so negate the loss and keep maximize=False"
+        )
+
+
+def check_distinct_names(kind: str, names: Sequence[str]) -> None:
+    """Raise ``ValueError`` if two callbacks of ``kind`` share a ``name`` (their metrics and state would collide).
+
+    Example:
+        >>> check_distinct_names("Regularizer", ["l1", "l2", "l1"])
+        Traceback (most recent call last):
+        ...
+        ValueError: two Regularizers have name='l1': give each its own name=... (it names their metrics reg/<name>/... and their checkpoint state)
+    """
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(
+                f"two {kind}s have name={name!r}: give each its own name=... "
+                "(it names their metrics reg/<name>/... and their checkpoint state)"
+            )
+        seen.add(name)

@@ -9,7 +9,7 @@ from lightreg.selection import clean_name
 
 
 class MyRMSNorm(nn.Module):
-    """A custom norm layer, recognised by its class name."""
+    """A custom norm layer: an ordinary module to the default rule, left out with ``exclude``."""
 
     def __init__(self, d):
         super().__init__()
@@ -35,13 +35,19 @@ def names(pairs):
 
 
 def test_default_rule_takes_matrices_outside_norm_layers_only():
-    assert names(select_parameters(Net())) == ["embed.weight", "conv.weight", "fc.weight", "head.weight"]
+    # Frozen parameters are selected (penalised once they train); a custom norm layer needs exclude.
+    assert names(select_parameters(Net())) == [
+        "embed.weight", "conv.weight", "fc.weight", "rms.scale", "head.weight", "frozen.weight"
+    ]
+    assert "rms.scale" not in names(select_parameters(Net(), exclude="rms.*"))
 
 
 def test_include_replaces_the_rule_and_exclude_removes():
     net = Net()
     assert names(select_parameters(net, include=["fc.*", "head.bias"])) == ["fc.weight", "fc.bias", "head.bias"]
-    assert names(select_parameters(net, exclude=["embed.*"])) == ["conv.weight", "fc.weight", "head.weight"]
+    assert names(select_parameters(net, exclude=["embed.*", "rms.*", "frozen.*"])) == [
+        "conv.weight", "fc.weight", "head.weight"
+    ]
     assert names(select_parameters(net, include="*.bias", exclude=["bn.*", "ln.*", "frozen.*"])) == [
         "conv.bias", "fc.bias", "head.bias"
     ]
