@@ -149,14 +149,15 @@ def test_proximal_uses_each_param_groups_own_lr():
 
 
 class TwoOptimizers(TinyNet):
-    """Manual optimization with an optimizer per layer, as in GANs."""
+    """Manual optimization with an optimizer per layer, as in GANs; ``raw`` steps the torch optimizers themselves."""
 
-    def __init__(self, **kw):
+    def __init__(self, raw=False, **kw):
         super().__init__(**kw)
         self.automatic_optimization = False
+        self.raw = raw
 
     def training_step(self, batch, batch_idx):
-        opt_a, opt_b = self.optimizers()
+        opt_a, opt_b = self.optimizers(use_pl_optimizer=not self.raw)
         loss = super().training_step(batch, batch_idx)
         opt_a.zero_grad()
         opt_b.zero_grad()
@@ -170,11 +171,13 @@ class TwoOptimizers(TinyNet):
                 torch.optim.SGD([self.net[3].weight], lr=0.02))
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["lightning_optimizer", "raw_optimizer"])
 @pytest.mark.parametrize("mode", ["gradient", "decoupled", "proximal"])
-def test_manual_optimization_with_two_optimizers(mode):
+def test_manual_optimization_with_two_optimizers(mode, raw):
+    """Once per opt.step(), whether training_step steps the LightningOptimizer or the torch optimizer."""
     penalty = L1(0.1)
     reg = Regularizer(penalty, mode=mode)
-    ours = fit(TwoOptimizers(), [reg], max_epochs=1)
+    ours = fit(TwoOptimizers(raw=raw), [reg], max_epochs=1)
     assert reg.steps_applied == 2 * 4  # both optimizers, four batches
     x, y = regression_data()
     oracle = TwoOptimizers()
