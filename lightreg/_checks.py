@@ -60,15 +60,15 @@ def check_tensor_kind(name: str, w: object, who: str) -> None:
         >>> check_tensor_kind("net.0.weight", torch.zeros(2, dtype=torch.complex64), "L1")
         Traceback (most recent call last):
         ...
-        TypeError: L1 cannot penalise 'net.0.weight': its dtype is torch.complex64; only real floating-point tensors (float16, bfloat16, float32, float64) are supported
+        TypeError: L1 does not support 'net.0.weight': its dtype is torch.complex64; only real floating-point tensors (float16, bfloat16, float32, float64) are supported
     """
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{who} cannot penalise {name!r}: it is a {type(w).__name__}, not a tensor")
+        raise TypeError(f"{who} does not support {name!r}: it is a {type(w).__name__}, not a tensor")
     if w.layout != torch.strided:
-        raise TypeError(f"{who} cannot penalise {name!r}: its layout is {w.layout}; only dense (strided) tensors are supported")
+        raise TypeError(f"{who} does not support {name!r}: its layout is {w.layout}; only dense (strided) tensors are supported")
     if not w.is_floating_point():
         raise TypeError(
-            f"{who} cannot penalise {name!r}: its dtype is {w.dtype}; only real floating-point tensors "
+            f"{who} does not support {name!r}: its dtype is {w.dtype}; only real floating-point tensors "
             "(float16, bfloat16, float32, float64) are supported"
         )
 

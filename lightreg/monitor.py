@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightreg._checks import check_int, check_patterns, check_real
+from lightreg._checks import check_int, check_patterns, check_real, check_tensor_kind
 from lightreg.binding import is_uninitialized
 from lightreg.distributed import check_model, is_dtensor
 from lightreg.emit import log_scalars, wandb_loggers
@@ -110,6 +110,9 @@ class WeightMonitor(Callback):
 
     def _select(self, pl_module: pl.LightningModule) -> None:
         self._rows = select_rows(pl_module, self.include, self.exclude)
+        for row in self._rows:
+            if not is_uninitialized(row.param):
+                check_tensor_kind(row.name, row.param, "WeightMonitor")
         self.names = [row.name for row in self._rows]
         self._lazy = [p for p in pl_module.parameters() if is_uninitialized(p)]
         self._module = pl_module

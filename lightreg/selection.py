@@ -1,7 +1,9 @@
 """Which parameters a penalty or the monitor sees: one default rule, then include/exclude globs.
 
-The default (nanoGPT/timm) rule: every floating-point parameter with ``ndim >= 2`` that is not owned by
-a normalisation layer and is not a weight-norm magnitude. Normalisation layers are recognised by type:
+The default (nanoGPT/timm) rule: every floating-point (or complex) parameter with ``ndim >= 2`` that is
+not owned by a normalisation layer and is not a weight-norm magnitude. Integer parameters never train, so
+the rule skips them; complex ones are selected so that the callbacks, which support real tensors only,
+refuse them by name rather than skip them silently. Normalisation layers are recognised by type:
 ``torch.nn.modules.normalization`` (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``LocalResponseNorm``...)
 and ``_NormBase`` (every ``BatchNorm``/``InstanceNorm``); a custom norm layer is an ordinary module to
 the rule, so leave it out with ``exclude``. ``requires_grad`` does not matter: a frozen parameter is
@@ -95,10 +97,10 @@ def named_parameters_with_owner(model: nn.Module) -> list[Owned]:
 
 
 def is_default_parameter(row: Owned) -> bool:
-    """The default rule: floating point, ``ndim >= 2``, outside norm layers, no weight-norm magnitude."""
+    """The default rule: floating point or complex, ``ndim >= 2``, outside norm layers, no weight-norm magnitude."""
     p = row.param
     return (
-        not is_uninitialized(p) and p.is_floating_point() and p.ndim >= 2
+        not is_uninitialized(p) and (p.is_floating_point() or p.is_complex()) and p.ndim >= 2
         and not is_norm_layer(row.module) and not is_magnitude(row.module, row.attr)
     )
 
