@@ -17,7 +17,7 @@ from lightreg.distributed import check_model, check_strategy, local_tensor, sum_
 from lightreg.emit import is_log_step, log_scalars
 from lightreg.penalty import Penalty
 from lightreg.schedules import scheduled_factor
-from lightreg.selection import select_parameters, sparse_gradient_parameters
+from lightreg.selection import named_parameters_with_owner, select_parameters, sparse_gradient_parameters
 
 MODES = ("gradient", "decoupled", "proximal")
 
@@ -156,7 +156,7 @@ class Regularizer(Callback):
         # pre-step hook is the decoupled step's place; otherwise the closure's backward runs inside the step.
         self._decay_in_pre_hook = getattr(trainer.precision_plugin, "scaler", None) is not None
         self._hook_optimizers(trainer)  # resolves each optimizer now, so its refusals come before any step
-        self._report_selection(selected)
+        self._report_selection(pl_module, selected)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.alpha = self.current_alpha(trainer.global_step)  # a resumed fit's step is known only now
@@ -300,9 +300,11 @@ class Regularizer(Callback):
                 "already has weight_decay > 0: the squared norm is applied twice. Set weight_decay=0 there."
             )
 
-    def _report_selection(self, selected: Sequence[tuple[str, Tensor]]) -> None:
+    def _report_selection(self, pl_module: pl.LightningModule, selected: Sequence[tuple[str, Tensor]]) -> None:
         held = {id(p) for _, p in self.penalised()}
         lines = [f"  {name}  {_describe(param, id(param) in held)}" for name, param in selected]
+        lazy = [row.name for row in named_parameters_with_owner(pl_module) if is_uninitialized(row.param)]
+        lines += [f"  lazy, decided once materialised: {', '.join(lazy)}"] if lazy else []
         total = sum(p.numel() for _, p in selected if not is_uninitialized(p))
         rank_zero_info(
             f"Regularizer {self.name!r}: {self.penalty!r}, mode={self.mode}, "
