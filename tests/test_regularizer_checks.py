@@ -87,11 +87,11 @@ def test_an_empty_include_is_refused_at_construction():
 
 @pytest.mark.parametrize("penalty", [L1(1.0), ElasticNet(1.0, l1_ratio=0.5)], ids=repr)
 def test_float16_prox_with_a_threshold_beyond_float16_is_exact(penalty):
-    """lr * alpha = 7e4 > 65504: every float16 weight goes to zero, as the float64 formula says."""
+    """lr * alpha * l1_ratio >= 1e5 > 65504: every float16 weight goes to zero, as the float64 formula says."""
     w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).half()
     ours = w.clone()
-    penalty.apply_prox_([ours], 7e4, 1.0)
-    torch.testing.assert_close(ours, explicit_prox(penalty, w.double(), 7e4).half(), rtol=0, atol=0)
+    penalty.apply_prox_([ours], 2e5, 1.0)
+    torch.testing.assert_close(ours, explicit_prox(penalty, w.double(), 2e5).half(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("step", [float("inf"), torch.full((4, 3), float("inf"), dtype=torch.float64)], ids=["float", "tensor"])
