@@ -21,6 +21,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.parametrize import ParametrizationList
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lightreg._checks import check_patterns
 from lightreg.binding import is_uninitialized
@@ -68,15 +72,15 @@ def is_norm_layer(module: nn.Module) -> bool:
 def pruned_attrs(module: nn.Module) -> set[str]:
     """Names of ``module``'s tensors reparametrised by ``torch.nn.utils.prune`` (``weight`` = ``weight_orig * weight_mask``)."""
     hooks = module._forward_pre_hooks.values()
-    return {h._tensor_name for h in hooks if isinstance(h, torch.nn.utils.prune.BasePruningMethod)}
+    return {h._tensor_name for h in hooks if isinstance(h, BasePruningMethod)}
 
 
 def is_magnitude(module: nn.Module, attr: str) -> bool:
     """Whether ``attr`` is a weight-norm magnitude ``g`` (``weight_g``, or a parametrisation's ``original0``)."""
-    if isinstance(module, nn.utils.parametrize.ParametrizationList):
-        return attr == "original0" and isinstance(module[0], nn.utils.parametrizations._WeightNorm)
+    if isinstance(module, ParametrizationList):
+        return attr == "original0" and isinstance(module[0], _WeightNorm)
     hooks = module._forward_pre_hooks.values()
-    return any(isinstance(h, nn.utils.weight_norm.WeightNorm) and attr == f"{h.name}_g" for h in hooks)
+    return any(isinstance(h, WeightNorm) and attr == f"{h.name}_g" for h in hooks)
 
 
 def named_parameters_with_owner(model: nn.Module) -> list[Owned]:
