@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Real
+from typing import Any
 
 import torch
 
@@ -99,6 +100,19 @@ def check_optimizer_group(who: str, optimizer: torch.optim.Optimizer, index: int
         )
 
 
+def check_dense_gradient(who: str, name: str, sparse: bool) -> None:
+    """Refuse a parameter whose gradient is sparse (``Embedding(sparse=True)``) where a gradient is added to.
+
+    Example:
+        >>> check_dense_gradient("Regularizer 'l1'", "embed.weight", sparse=False)  # dense: no error
+    """
+    if sparse:
+        raise TypeError(
+            f"{who}: {name!r} belongs to an Embedding with sparse=True, whose sparse gradient mode='gradient' "
+            "cannot add to; use mode='proximal' or 'decoupled', or sparse=False"
+        )
+
+
 def check_distinct_names(kind: str, names: Sequence[str]) -> None:
     """Raise ``ValueError`` if two callbacks of ``kind`` share a ``name`` (their metrics and state would collide).
 
@@ -116,3 +130,53 @@ def check_distinct_names(kind: str, names: Sequence[str]) -> None:
                 "(it names their metrics reg/<name>/... and their checkpoint state)"
             )
         seen.add(name)
+
+
+class ParameterChecks:
+    """The checks a penalty's callback makes of each parameter and param group it meets, each parameter once.
+
+    Args:
+        who: names the caller in messages, e.g. ``"Regularizer 'l1'"``.
+        check_tensor: the penalty's ``check_tensor(name, w)``.
+        sparse_gradients: ids of the parameters with sparse gradients, refused (mode ``gradient``).
+        warn: where to warn, once, about parameters whose param group has ``weight_decay > 0``; ``None``
+            when the penalty has no squared-norm part (no double decay to warn about).
+
+    Example:
+        >>> checks = ParameterChecks("Regularizer 'l2'", lambda name, w: None, set(), warn=print)
+        >>> w = torch.nn.Parameter(torch.ones(2, 2))
+        >>> checks.groups(torch.optim.SGD([w], lr=0.1, weight_decay=0.1), [(0, ["w"], [w])])
+        Regularizer 'l2' penalises ['w'] whose optimizer param group already has weight_decay > 0: the squared norm is applied twice. Set weight_decay=0 there.
+    """
+
+    def __init__(
+        self,
+        who: str,
+        check_tensor: Callable[[str, torch.Tensor], None],
+        sparse_gradients: set[int],
+        warn: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.who, self.check_tensor, self.sparse_gradients, self.warn = who, check_tensor, sparse_gradients, warn
+        self.checked: set[int] = set()
+
+    def parameter(self, name: str, param: torch.Tensor) -> None:
+        """Check ``param`` once; a lazy parameter waits until it has materialised."""
+        if id(param) in self.checked or isinstance(param, torch.nn.parameter.UninitializedTensorMixin):
+            return
+        self.check_tensor(name, param)
+        check_dense_gradient(self.who, name, id(param) in self.sparse_gradients)
+        self.checked.add(id(param))
+
+    def groups(self, optimizer: torch.optim.Optimizer, groups: Sequence[Any]) -> None:
+        """Check the ``(index, names, params)`` groups of ``optimizer`` and their parameters."""
+        for index, names, params in groups:
+            check_optimizer_group(self.who, optimizer, index, names)
+            for name, param in zip(names, params, strict=True):
+                self.parameter(name, param)
+        doubled = [n for index, names, _ in groups if optimizer.param_groups[index].get("weight_decay", 0) for n in names]
+        if doubled and self.warn is not None:
+            self.warn(
+                f"{self.who} penalises {doubled} whose optimizer param group already has weight_decay > 0: "
+                "the squared norm is applied twice. Set weight_decay=0 there."
+            )
+            self.warn = None  # once

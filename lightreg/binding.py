@@ -11,7 +11,7 @@ evaluated again and intersected with what the optimizer holds. Plain torch: no L
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -110,6 +110,14 @@ class Binding:
             self.on_resolve(optimizer, entry.bound)
         self._entries[id(optimizer)] = (optimizer, entry)
         return entry.bound
+
+    def held(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[tuple[str, Tensor]]:
+        """The selected ``(name, parameter)`` pairs that any of ``optimizers`` holds, each once, in order."""
+        seen: dict[int, tuple[str, Tensor]] = {}
+        for optimizer in optimizers:
+            for group in self.groups(optimizer):
+                seen.update({id(p): (n, p) for n, p in zip(group.names, group.params, strict=True) if id(p) not in seen})
+        return list(seen.values())
 
     def clear(self) -> None:
         """Forget every cached optimizer."""

@@ -11,13 +11,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightreg._checks import check_distinct_names, check_optimizer_group, check_patterns
-from lightreg.binding import Binding, GroupParams, is_uninitialized
+from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns
+from lightreg.binding import Binding, is_uninitialized
 from lightreg.distributed import check_model, check_strategy, local_tensor, sum_values
 from lightreg.emit import is_log_step, log_scalars
 from lightreg.penalty import Penalty
 from lightreg.schedules import scheduled_factor
-from lightreg.selection import named_parameters_with_owner, select_parameters, sparse_gradient_parameters
+from lightreg.selection import describe_selection, select_parameters, sparse_gradient_parameters
 
 MODES = ("gradient", "decoupled", "proximal")
 
@@ -36,27 +36,19 @@ class Regularizer(Callback):
     Modes (design.md): ``gradient`` adds ``∇R`` to ``.grad`` (after AMP unscaling and accumulation, before
     clipping: the same as ``R`` in the loss); ``decoupled`` takes ``w -= lr * ∇R(w)`` just before the
     step (``L2`` with Adam is AdamW); ``proximal`` (default) applies ``prox_{lr R}`` right after the step
-    (exact zeros; ISTA with SGD). Each mode acts on exactly the parameters the optimizer steps: a selected
-    parameter whose ``.grad`` is ``None`` at that step (unused branch, frozen layer, skipped batch) is
-    left alone, as torch optimizers leave it. ``lr`` is read from the parameter's param group at the step.
+    (exact zeros; ISTA with SGD). Every mode acts once per real step on exactly the parameters the
+    optimizer steps (``.grad`` of ``None``: skipped, as torch skips it), with the group's ``lr`` then.
 
-    Where it acts: ``proximal`` in the optimizer's step post-hook. Under automatic optimization,
-    ``gradient`` and ``decoupled`` act in ``on_before_optimizer_step`` (the closure's backward runs
-    inside ``optimizer.step``), except ``decoupled`` with a grad scaler, which acts in the step pre-hook
-    (so never on a step the scaler skips). Under manual optimization both act in the step pre-hook,
-    whether ``training_step`` steps the ``LightningOptimizer`` or the raw optimizer. The optimizer hooks
-    fire only when a step really runs: never on accumulation micro-batches.
+    Where: ``proximal`` in the step post-hook; ``gradient`` and ``decoupled`` in ``on_before_optimizer_step``
+    under automatic optimization (backward runs inside ``optimizer.step``; ``decoupled`` with a grad
+    scaler: the step pre-hook, never on a skipped step), in the step pre-hook under manual optimization
+    (``LightningOptimizer`` or raw). Which: ``select`` intersected with what each optimizer holds when
+    it steps, cached while its parameter set is unchanged (``lightreg.binding``); optimizers made mid-fit
+    are hooked at the next ``on_train_batch_start``. ``LBFGS``, ``maximize=True`` and tensors
+    ``Penalty.check_tensor`` refuses are refused before any weight changes (``docs/correctness.md``).
 
-    Which parameters: ``select`` (the rule) intersected with what each optimizer holds, resolved when
-    the optimizer steps and cached while its parameter set stays the same (``lightreg.binding``), so a
-    resumed optimizer, a param group added by fine-tuning and a materialised lazy layer are covered.
-    Optimizers created during the fit are hooked at the next ``on_train_batch_start`` (or at their
-    first ``on_before_optimizer_step``). Refused at fit start, before any weight changes: ``LBFGS``,
-    ``maximize=True``, and tensors the penalty cannot serve (``Penalty.check_tensor``; a sparse-gradient
-    embedding in mode ``gradient``).
-
-    Logs ``reg/<name>/penalty`` (``R(w)`` at the scheduled alpha over the selected parameters the
-    optimizers hold, as the step left them) and ``reg/<name>/alpha`` on Lightning's log steps.
+    Logs ``reg/<name>/penalty`` (``R(w)`` at the scheduled alpha of the selected parameters the optimizers
+    hold, as the step left them) and ``reg/<name>/alpha`` on Lightning's log steps.
 
     Args:
         penalty: an ``L1``, ``L2``, ``ElasticNet``, ``GroupLasso`` or other ``Penalty``.
@@ -100,9 +92,7 @@ class Regularizer(Callback):
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
         self._handles: list[Any] = []
         self._trainer: pl.Trainer | None = None
-        self._stepped = self._decay_in_pre_hook = self._keyed = self._warned_decay = False
-        self._checked: set[int] = set()
-        self._sparse_grads: set[int] = set()
+        self._stepped = self._decay_in_pre_hook = self._keyed = False
 
     def __repr__(self) -> str:
         return (
@@ -130,11 +120,7 @@ class Regularizer(Callback):
 
     def penalised(self) -> list[tuple[str, Tensor]]:
         """The selected ``(name, parameter)`` pairs that the hooked optimizers hold now."""
-        seen: dict[int, tuple[str, Tensor]] = {}
-        for optimizer in self._optimizers.values():
-            for group in self._binding.groups(optimizer):
-                seen.update({id(p): (n, p) for n, p in zip(group.names, group.params, strict=True)})
-        return list(seen.values())
+        return self._binding.held(self._optimizers.values())
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -146,12 +132,13 @@ class Regularizer(Callback):
         check_model(pl_module, f"Regularizer {self.name!r}")
         self.alpha = self.current_alpha(trainer.global_step)
         selected = self.select(pl_module)
-        self._checked, self._warned_decay = set(), False
-        self._sparse_grads = sparse_gradient_parameters(pl_module) if self.mode == "gradient" else set()
+        sparse = sparse_gradient_parameters(pl_module) if self.mode == "gradient" else set()
+        warn = rank_zero_warn if self.penalty.l2_part else None
+        checks = ParameterChecks(f"Regularizer {self.name!r}", self.penalty.check_tensor, sparse, warn)
         for name, param in selected:
-            self._check_parameter(name, param)
+            checks.parameter(name, param)
         self._trainer, self._optimizers = trainer, {}
-        self._binding = Binding(lambda: self.select(pl_module), self._on_resolve)
+        self._binding = Binding(lambda: self.select(pl_module), checks.groups)
         # A grad scaler calls optimizer.step after backward and only when the step is not skipped: there the
         # pre-step hook is the decoupled step's place; otherwise the closure's backward runs inside the step.
         self._decay_in_pre_hook = getattr(trainer.precision_plugin, "scaler", None) is not None
@@ -200,25 +187,21 @@ class Regularizer(Callback):
     @torch.no_grad()  # else g += alpha * w records w into p.grad's autograd history (and FSDP2 refuses it)
     def apply_gradient(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``g += ∇R(w)`` for the selected parameters of ``optimizer`` that have a gradient."""
-        for group in self._binding.groups(_unwrap(optimizer)):
-            params = [p for p in group.params if p.grad is not None]
-            if params:
-                grads = [p.grad for p in params]
-                self.penalty.apply_gradient_(self._operands(grads), self._operands(params), alpha)  # type: ignore[arg-type]
+        for _, params in self._stepped_params(optimizer):
+            grads = [p.grad for p in params]
+            self.penalty.apply_gradient_(self._operands(grads), self._operands(params), alpha)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def apply_decoupled(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w -= lr * ∇R(w)`` with each param group's ``lr``, for the parameters about to be stepped."""
-        optimizer = _unwrap(optimizer)
         for group, params in self._stepped_params(optimizer):
-            self.penalty.apply_decay_(self._operands(params), _lr(optimizer.param_groups[group.index]), alpha)
+            self.penalty.apply_decay_(self._operands(params), _lr(group), alpha)
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w <- prox_{t R}(w)`` with ``t`` the step the optimizer took (``prox_steps``), for the stepped parameters."""
-        optimizer = _unwrap(optimizer)
         for group, params in self._stepped_params(optimizer):
-            steps = self.prox_steps(optimizer, optimizer.param_groups[group.index], params)
+            steps = self.prox_steps(_unwrap(optimizer), group, params)
             self.penalty.apply_prox_(self._operands(params), steps, alpha)
 
     def prox_steps(
@@ -235,10 +218,11 @@ class Regularizer(Callback):
         return {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _stepped_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[GroupParams, list[Tensor]]]:
-        # torch optimizers skip a parameter without a gradient; so does the penalty (no host sync: a None check).
-        pairs = [(g, [p for p in g.params if p.grad is not None]) for g in self._binding.groups(optimizer)]
-        return [(g, params) for g, params in pairs if params]
+    def _stepped_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """``(live param group, its selected parameters that have a gradient)``, for the groups with any."""
+        optimizer = _unwrap(optimizer)  # torch skips a parameter without a gradient, and so do we: no host sync
+        pairs = [(g.index, [p for p in g.params if p.grad is not None]) for g in self._binding.groups(optimizer)]
+        return [(optimizer.param_groups[index], params) for index, params in pairs if params]
 
     def _operands(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         # An elementwise penalty acts on each FSDP2 shard alone: no DTensor dispatch, and the foreach path applies.
@@ -276,46 +260,9 @@ class Regularizer(Callback):
         self.steps_applied += bool(self._binding.groups(optimizer))
         self._stepped = True
 
-    def _check_parameter(self, name: str, param: Tensor) -> None:
-        if id(param) in self._checked or is_uninitialized(param):
-            return  # a lazy parameter is checked once it has materialised
-        self.penalty.check_tensor(name, param)
-        if id(param) in self._sparse_grads:
-            raise TypeError(
-                f"Regularizer {self.name!r}: {name!r} belongs to an Embedding with sparse=True, whose sparse gradient "
-                "mode='gradient' cannot add to; use mode='proximal' or 'decoupled', or sparse=False"
-            )
-        self._checked.add(id(param))
-
-    def _on_resolve(self, optimizer: torch.optim.Optimizer, groups: list[GroupParams]) -> None:
-        for group in groups:
-            check_optimizer_group(f"Regularizer {self.name!r}", optimizer, group.index, group.names)
-            for name, param in zip(group.names, group.params, strict=True):
-                self._check_parameter(name, param)
-        doubled = [n for g in groups if optimizer.param_groups[g.index].get("weight_decay", 0) for n in g.names]
-        if doubled and self.penalty.l2_part and not self._warned_decay:
-            self._warned_decay = True
-            rank_zero_warn(
-                f"Regularizer {self.name!r} ({self.penalty!r}) penalises {doubled} whose optimizer param group "
-                "already has weight_decay > 0: the squared norm is applied twice. Set weight_decay=0 there."
-            )
-
     def _report_selection(self, pl_module: pl.LightningModule, selected: Sequence[tuple[str, Tensor]]) -> None:
         held = {id(p) for _, p in self.penalised()}
-        lines = [f"  {name}  {_describe(param, id(param) in held)}" for name, param in selected]
-        lazy = [row.name for row in named_parameters_with_owner(pl_module) if is_uninitialized(row.param)]
-        lines += [f"  lazy, decided once materialised: {', '.join(lazy)}"] if lazy else []
-        total = sum(p.numel() for _, p in selected if not is_uninitialized(p))
-        rank_zero_info(
-            f"Regularizer {self.name!r}: {self.penalty!r}, mode={self.mode}, "
-            f"{len(selected)} tensors, {total:,} weights\n" + "\n".join(lines)
-        )
+        rank_zero_info(f"Regularizer {self.name!r}: {self.penalty!r}, mode={self.mode}, "
+                       + describe_selection(pl_module, selected, held))
         if selected and not held:
             rank_zero_warn(f"Regularizer {self.name!r}: no optimizer holds any selected tensor yet; it acts once one does")
-
-
-def _describe(param: Tensor, held: bool) -> str:
-    if is_uninitialized(param):
-        return "(lazy: not materialised yet)"
-    notes = [n for n, on in (("not yet trainable", not param.requires_grad), ("in no optimizer yet", not held)) if on]
-    return f"{tuple(param.shape)}" + (f"  ({', '.join(notes)})" if notes else "")

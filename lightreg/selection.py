@@ -121,6 +121,29 @@ def sparse_gradient_parameters(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
 
 
+def describe_selection(model: nn.Module, selected: Sequence[tuple[str, Tensor]], held: set[int]) -> str:
+    """A report of ``selected``: a count line, then one line per tensor with its shape and what it waits for.
+
+    ``held`` holds the ids of the parameters some optimizer holds. Lazy parameters are listed last.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.LazyLinear(1))
+        >>> _ = net[0].requires_grad_(False)
+        >>> print(describe_selection(net, select_parameters(net), held=set()))
+        1 tensors, 6 weights
+          0.weight  (3, 2)  (not yet trainable, in no optimizer yet)
+          lazy, decided once materialised: 1.weight, 1.bias
+    """
+    lines = [f"{len(selected)} tensors, {sum(p.numel() for _, p in selected if not is_uninitialized(p)):,} weights"]
+    for name, p in selected:
+        notes = [note for note, on in (("lazy: not materialised yet", is_uninitialized(p)),
+                                       ("not yet trainable", not p.requires_grad), ("in no optimizer yet", id(p) not in held)) if on]
+        shape = "" if is_uninitialized(p) else f"{tuple(p.shape)}"
+        lines.append(f"  {name}  {shape}" + (f"  ({', '.join(notes)})" if notes else ""))
+    lazy = [row.name for row in named_parameters_with_owner(model) if is_uninitialized(row.param)]
+    return "\n".join(lines + ([f"  lazy, decided once materialised: {', '.join(lazy)}"] if lazy else []))
+
+
 def _matching(names: Sequence[str], patterns: tuple[str, ...], argument: str) -> set[str]:
     matched: set[str] = set()
     for pattern in patterns:
