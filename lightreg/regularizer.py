@@ -165,6 +165,9 @@ class Regularizer(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Under accumulation this fires on every micro-batch; only a batch that stepped is logged.
         stepped, self._stepped = self._stepped, False
+        if stepped and trainer.global_step == 0 and self.schedule is not None:  # raw optimizers, manual optimization
+            rank_zero_warn(f"Regularizer {self.name!r}: trainer.global_step does not advance when training_step steps "
+                           "raw optimizers, so the schedule stays at step 0; step self.optimizers() instead")
         if stepped and is_log_step(trainer):
             log_scalars(trainer, self.metrics())
 

@@ -118,3 +118,11 @@ def test_a_name_containing_a_slash_is_refused_and_parameter_names_are_kept_verba
         model, loader(*regression_data(n=16), 8))
     rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
     assert "weights/extra.a/b.weight/l1" in rows[0]  # documented: the figure is after the last '/'
+
+
+def test_a_schedule_with_raw_optimizers_under_manual_optimization_is_warned_about():
+    from tests.test_regularizer import TwoOptimizers
+
+    with pytest.warns(UserWarning, match="global_step does not advance.*schedule stays at step 0"):
+        trainer(callbacks=[Regularizer(L1(0.1), schedule=LinearWarmup(4))]).fit(
+            TwoOptimizers(raw=True), loader(*regression_data(n=16), 8))
