@@ -11,7 +11,8 @@ The step of each supported optimizer, read from the state it just wrote (``v̂ =
 
 =============  ===========================================================================================
 Adam, AdamW    ``lr / (sqrt(v̂) + eps)``, ``v = exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``)
-NAdam          ``lr / (sqrt(v̂) + eps)``
+NAdam          ``lr * c / (sqrt(v̂) + eps)``, ``c = (1 - mu_t) / (1 - Π_t) + mu_{t+1} / (1 - Π_{t+1})`` its two
+               momentum coefficients, whose sum multiplies a constant gradient (-> 1 as the step count grows)
 RAdam          ``lr * rect * sqrt(1 - beta2^step) / (sqrt(exp_avg_sq) + eps)`` on rectified steps
                (``rho_t > 5``); plain ``lr`` on the others, which are momentum-SGD steps
 RMSprop        ``lr / ((sqrt(square_avg - grad_avg²) + eps) * (1 - momentum))`` (``grad_avg = 0`` unless
@@ -47,7 +48,7 @@ ADAPTIVE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf"
 FORMULAS = {
     "Adam": "lr / (sqrt(v_hat) + eps), v_hat = exp_avg_sq / (1 - beta2^step)",
     "AdamW": "lr / (sqrt(v_hat) + eps), v_hat = exp_avg_sq / (1 - beta2^step)",
-    "NAdam": "lr / (sqrt(v_hat) + eps), v_hat = exp_avg_sq / (1 - beta2^step)",
+    "NAdam": "lr * c / (sqrt(v_hat) + eps), c = (1 - mu_t) / (1 - prod mu) + mu_t+1 / (1 - prod mu * mu_t+1)",
     "RAdam": "lr * rect * sqrt(1 - beta2^step) / (sqrt(exp_avg_sq) + eps) when rectified, else lr",
     "RMSprop": "lr / ((sqrt(square_avg - grad_avg^2) + eps) * (1 - momentum))",
     "Adagrad": "lr / (1 + (step - 1) * lr_decay) / (sqrt(sum) + eps)",
@@ -88,12 +89,18 @@ def _adam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepR
 
 
 def _nadam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
-    lr, beta2, eps = float(group["lr"]), float(group["betas"][1]), float(group["eps"])
+    lr, (beta1, beta2), eps = float(group["lr"]), (float(b) for b in group["betas"]), float(group["eps"])
+    psi = float(group["momentum_decay"])
 
     def rule(p: Tensor) -> Step:
         state = optimizer.state[p]
-        denom = local_tensor(state["exp_avg_sq"]).div(1 - beta2 ** _count(state)).sqrt_().add_(eps)
-        return _over(lr, denom)
+        step = _count(state)
+        mu_product = _count({"step": state["mu_product"]})
+        mu, mu_next = (beta1 * (1.0 - 0.5 * 0.96 ** (k * psi)) for k in (step, step + 1))
+        # On a constant gradient g (so exp_avg -> g) NAdam moves by lr * c * g / denom: c is part of its step.
+        c = (1.0 - mu) / (1.0 - mu_product) + mu_next / (1.0 - mu_product * mu_next)
+        denom = local_tensor(state["exp_avg_sq"]).div(1 - beta2**step).sqrt_().add_(eps)
+        return _over(lr * c, denom)
 
     return rule
 

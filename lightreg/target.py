@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 from lightreg._checks import check_int, check_real
+from lightreg.distributed import complete_over_shards, is_dtensor
 from lightreg.kth_value import Levels, Reduce, level_for_fraction
+from lightreg.penalty import Penalty
 
 #: A point of the fit: an optimizer step (int), or a fraction of all the fit's steps (float in [0, 1]).
 Point = int | float
@@ -66,6 +68,38 @@ def _check_ramp(ramp: object) -> None:
     if all(isinstance(v, int) for v in ramp) or all(isinstance(v, float) for v in ramp):
         if not ramp[0] < ramp[1]:
             raise ValueError(f"target_ramp must start before it ends, got {tuple(ramp)!r}")
+
+
+def selection_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    """The precision levels are compared in: float64 if any parameter is float64, else float32."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def levels_reduce(params: Sequence[Tensor]) -> Reduce:
+    """Sums per-rank counts over the ranks that shard the parameters (FSDP2); the identity otherwise.
+
+    Every rank computes the same levels of the same weights under DDP, so nothing rank-local enters there.
+    """
+    sharded = next((p for p in params if is_dtensor(p)), None)
+    if sharded is None:
+        return lambda counts: counts
+    return lambda counts: complete_over_shards(counts, sharded, keep_dim=None)
+
+
+def zero_fraction(penalty: Penalty, tensors: Sequence[Tensor], reduce: Reduce) -> Tensor:
+    """The fraction of units (entries; groups for ``GroupLasso``) of ``tensors`` that are exactly zero.
+
+    Example:
+        >>> from lightreg import L1
+        >>> zero_fraction(L1(1.0), [torch.tensor([0.0, 2.0]), torch.zeros(2)], lambda c: c)
+        tensor(0.7500)
+    """
+    counts = torch.zeros(2, dtype=torch.int64, device=tensors[0].device if tensors else "cpu")
+    for w in tensors:
+        levels = penalty.zero_levels(w, 1.0)
+        counts += torch.stack([(levels == 0).sum(), torch.tensor(levels.numel(), device=counts.device)])
+    counts = reduce(counts)
+    return counts[0] / counts[1].clamp(min=1)
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,10 @@ class NAdam(Adam):
         self.mu_product *= mu
         self.m = self.b1 * self.m + (1 - self.b1) * g
         self.v = self.b2 * self.v + (1 - self.b2) * g * g
-        t = self.lr / ((self.v / (1 - self.b2**self.k)).sqrt() + self.eps)
-        direction = (1 - mu) / (1 - self.mu_product) * g + mu_next / (1 - self.mu_product * mu_next) * self.m
-        return t, theta - t * direction
+        c1, c2 = (1 - mu) / (1 - self.mu_product), mu_next / (1 - self.mu_product * mu_next)
+        denom = (self.v / (1 - self.b2**self.k)).sqrt() + self.eps
+        # t is the step on a constant gradient g, where both terms move along g: lr * (c1 + c2) / denom.
+        return self.lr * (c1 + c2) / denom, theta - self.lr * (c1 * g + c2 * self.m) / denom
 
 
 class RAdam(Adam):
