@@ -159,7 +159,11 @@ class GroupLasso(Penalty):
             return complete_over_shards(torch.linalg.vector_norm(x, dim=others).square_() if others else x * x, w, dim)
 
         nonzero = group_sq(torch.div(work, t)) > lam * lam
-        t_max = complete_over_shards(t.amax(dim=others) if others else t.clone(), w, dim, op="max")
+        if others:  # an empty FSDP2 shard has nothing to take a max of: 0 is neutral, as t > 0
+            t_max = t.amax(dim=others) if t.numel() else t.new_zeros(t.shape[dim])
+        else:
+            t_max = t.clone()
+        t_max = complete_over_shards(t_max, w, dim, op="max")
         r = (group_sq(work).sqrt_() - lam * t_max).clamp_(min=0.0)
         for _ in range(NEWTON_STEPS):
             q = torch.add(r.view(shape), t, alpha=lam)
