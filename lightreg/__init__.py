@@ -5,6 +5,7 @@ Lightning hooks to it. Hydra and W&B are used only by the app (``lightreg.app``)
 """
 
 from lightreg.group_lasso import GroupLasso
+from lightreg.l0 import L0
 from lightreg.monitor import WeightMonitor
 from lightreg.penalties import L1, L2, ElasticNet
 from lightreg.penalty import Penalty
@@ -14,6 +15,7 @@ from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow
 from lightreg.selection import select_parameters
 
 __all__ = [
+    "L0",
     "L1",
     "L2",
     "CosineSchedule",

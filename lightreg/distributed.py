@@ -103,6 +103,30 @@ def local_groups(v: Tensor, w: Tensor, dim: int) -> Tensor:
     return global_value(v).narrow(0, offset[dim], shape[dim])
 
 
+def complete_over_shards(v: Tensor, w: Tensor, keep_dim: int | None, op: str = "sum") -> Tensor:
+    """Finish a reduction of ``w``'s local shard across the ranks that hold the rest of it, in place.
+
+    ``v`` reduces ``local_tensor(w)`` over every dimension but ``keep_dim`` (all of them for ``None``) with
+    ``op`` (``"sum"`` or ``"max"``); for a ``DTensor`` sharded along another dimension it is all-reduced
+    over that mesh dimension. Along ``keep_dim`` itself each rank keeps its own slice: the result then
+    describes this rank's part of ``keep_dim``, whole. A plain ``w`` passes ``v`` through. A collective
+    for a sharded ``w``: every rank must call it, in the same order.
+
+    Example:
+        >>> complete_over_shards(torch.tensor([3.0]), torch.zeros(1, 2), keep_dim=0)
+        tensor([3.])
+    """
+    if not is_dtensor(w):
+        return v
+    import torch.distributed as dist
+
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    for mesh_dim, placement in enumerate(w.placements):
+        if placement.is_shard() and placement.dim != keep_dim:  # type: ignore[attr-defined]
+            dist.all_reduce(v, reduce_op, group=w.device_mesh.get_group(mesh_dim))
+    return v
+
+
 def _deepspeed_stage(strategy: Any) -> str:
     config = getattr(strategy, "config", None)
     zero = config.get("zero_optimization") if isinstance(config, dict) else None

@@ -8,8 +8,24 @@ import torch
 from torch import Tensor
 
 from lightreg._checks import check_int
-from lightreg.distributed import local_groups, local_tensor, replicate
+from lightreg.distributed import complete_over_shards, is_dtensor, local_groups, local_tensor, replicate
 from lightreg.penalty import Penalty, Step, accumulation_dtype
+
+#: Newton steps of the per-coordinate prox. Measured on 64 x 64 weights with steps spread over up to 10
+#: orders of magnitude within a group: 4 steps reach float32 precision, 5 float64 (relative KKT residual
+#: < 3e-15). A fixed count needs no host sync to decide when to stop.
+NEWTON_STEPS = 6
+
+
+def _owns_its_groups(w: Tensor, dim: int) -> bool:
+    """Whether this rank reports the groups it sees: always, unless ``w`` is sharded along another dimension
+    than ``dim`` (then every rank of that mesh dimension sees the same, completed groups) and this rank is
+    not the first of it."""
+    if not is_dtensor(w):
+        return True
+    coordinate = w.device_mesh.get_coordinate() or []
+    return all(not (p.is_shard() and p.dim != dim) or coordinate[i] == 0  # type: ignore[attr-defined]
+               for i, p in enumerate(w.placements))
 
 
 class GroupLasso(Penalty):
@@ -18,7 +34,17 @@ class GroupLasso(Penalty):
     ``|g|`` is the size of one slice. For a ``Linear`` weight ``(out, in)``, ``dim=0`` groups output
     units (rows) and ``dim=1`` input features (columns); for a ``Conv2d`` weight ``dim=0`` groups
     filters. Subgradient ``alpha*sqrt(|g|) * w_g / ||w_g||`` (0 where ``w_g = 0``); proximal step
-    ``w_g * max(0, 1 - lr*alpha*sqrt(|g|) / ||w_g||)``, which zeroes a whole group at once.
+    ``w_g * max(0, 1 - t*alpha*sqrt(|g|) / ||w_g||)`` for a float step ``t``, which zeroes a whole group
+    at once.
+
+    With a per-coordinate step ``t`` (an adaptive optimizer's) the prox is the exact one in the metric
+    ``diag(1/t)``: ``v = argmin_v R(v) + Σ_i (v_i - u_i)² / (2 t_i)``, so that a fixed point of "optimizer
+    step, then prox" is a stationary point of ``loss + R``. With ``λ = alpha*sqrt(|g|)``, a group is zero
+    iff ``||u_g / t_g|| <= λ``; otherwise ``v_i = u_i * r / (r + λ t_i)`` where ``r = ||v_g|| > 0`` is the
+    root of ``Σ_i u_i² / (r + λ t_i)² = 1``. It is found by Newton's method on ``1/sqrt(Σ_i u_i²/(r + λt_i)²)
+    = 1`` (a concave, increasing function of ``r``, exactly linear when ``t`` is uniform), started at
+    ``max(||u_g|| - λ max t_g, 0)`` left of the root, from where the iterates increase to it;
+    ``NEWTON_STEPS`` steps, vectorised over the groups.
 
     Args:
         alpha: strength, a finite float >= 0.
@@ -91,8 +117,63 @@ class GroupLasso(Penalty):
 
     def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
         if isinstance(step, Tensor):
-            raise NotImplementedError("GroupLasso.prox_ with a per-coordinate step")
+            return self._metric_prox_(w, step, alpha)
         # A group whose norm underflows to 0 (float32 entries of ~1e-23) is far below any threshold: the
         # factor 1 - s/0 = -inf clamps to 0 and zeroes it, as it zeroes (keeps) an all-zero group.
         thresholds = (step * alpha * self._group_scale(w)) / self.group_norms(w)
         local_tensor(w).mul_(self._broadcast(thresholds.neg_().add_(1.0).clamp_(min=0.0), w))
+
+    def zero_levels(self, w: Tensor, step: Step) -> Tensor:
+        """``||w_g / t_g|| / sqrt(|g|)`` per group: the group dies iff ``alpha`` is at least that.
+
+        Under FSDP2 a group spread over the shards is completed across them and reported by the ranks at
+        mesh coordinate 0 only, so that counts summed over the ranks hold each group once.
+        """
+        u, dim = local_tensor(w), self.dim % w.ndim
+        others = [d for d in range(w.ndim) if d != dim]
+        ratio = u / step if isinstance(step, Tensor) else u
+        if others:
+            squares = torch.linalg.vector_norm(ratio, dim=others, dtype=accumulation_dtype(u)).square_()
+            norms = complete_over_shards(squares, w, dim).sqrt_()
+        else:
+            norms = ratio.abs()
+        levels = norms.div_(self._group_scale(w) * (1.0 if isinstance(step, Tensor) else step))
+        return levels if _owns_its_groups(w, dim) else levels[:0]
+
+    def _metric_prox_(self, w: Tensor, t: Tensor, alpha: float) -> None:
+        """The prox in the metric ``diag(1/t)`` (see the class docstring); ``t`` is shaped like ``w``'s local shard.
+
+        One temporary of the shard's size besides ``t``. Under FSDP2 every group sum over the local shard is
+        completed across the ranks that hold the rest of the group (a group lying whole on this rank needs none).
+        """
+        u, dim = local_tensor(w), self.dim % w.ndim
+        work = u.float() if u.dtype in (torch.float16, torch.bfloat16) else u  # q³ overflows in 16 bits
+        t = t.to(work.dtype).expand_as(work)
+        lam = alpha * self._group_scale(w)
+        others = [d for d in range(w.ndim) if d != dim]
+        shape = [-1 if d == dim else 1 for d in range(w.ndim)]
+
+        def group_sum(x: Tensor) -> Tensor:
+            return complete_over_shards(x.sum(dim=others) if others else x.clone(), w, dim)
+
+        def group_sq(x: Tensor) -> Tensor:
+            return complete_over_shards(torch.linalg.vector_norm(x, dim=others).square_() if others else x * x, w, dim)
+
+        nonzero = group_sq(torch.div(work, t)) > lam * lam
+        if others:  # an empty FSDP2 shard has nothing to take a max of: 0 is neutral, as t > 0
+            t_max = t.amax(dim=others) if t.numel() else t.new_zeros(t.shape[dim])
+        else:
+            t_max = t.clone()
+        t_max = complete_over_shards(t_max, w, dim, op="max")
+        r = (group_sq(work).sqrt_() - lam * t_max).clamp_(min=0.0)
+        for _ in range(NEWTON_STEPS):
+            q = torch.add(r.view(shape), t, alpha=lam)
+            q = torch.div(work, q, out=q)  # q_i = u_i / (r + λ t_i)
+            s = group_sq(q)
+            s3 = group_sum(q.pow_(3).div_(work).nan_to_num_(0.0))  # Σ u_i² / (r + λ t_i)³; 0 where u_i = 0
+            r = r + (s.pow(1.5) - s) / s3
+        r = torch.where(nonzero, r, torch.zeros_like(r)).view(shape)
+        factor = torch.add(r, t, alpha=lam)
+        work.mul_(torch.div(r, factor, out=factor))
+        if work is not u:
+            u.copy_(work)

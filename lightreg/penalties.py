@@ -115,6 +115,9 @@ class L1(Penalty):
     def prox(self, w: Tensor, step: Step, alpha: float) -> Tensor:
         return soft_threshold(w, step * alpha)
 
+    def zero_levels(self, w: Tensor, step: Step) -> Tensor:
+        return w.abs().div_(step).reshape(-1)  # |w| <= step * alpha
+
     def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
         g.add_(w.sign(), alpha=alpha)
 
@@ -249,6 +252,11 @@ class ElasticNet(Penalty):
         # Each part only where it exists: an infinite step times a zero weight would be a NaN threshold.
         out = soft_threshold(w, step * (alpha * rho)) if rho > 0.0 else w.clone()
         return out / (1.0 + step * (alpha * (1.0 - rho))) if rho < 1.0 else out
+
+    def zero_levels(self, w: Tensor, step: Step) -> Tensor:
+        if self.l1_ratio == 0:
+            return super().zero_levels(w, step)
+        return w.abs().div_(step).div_(self.l1_ratio).reshape(-1)  # |w| <= step * alpha * rho
 
     def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
         g.add_(w.sign(), alpha=alpha * self.l1_ratio).add_(w, alpha=alpha * (1.0 - self.l1_ratio))

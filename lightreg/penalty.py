@@ -74,6 +74,8 @@ class Penalty:
     elementwise = False
     #: The proximal step of ``R`` sets whole entries to exactly zero (``L1``-like penalties): target sparsity applies.
     makes_zeros = False
+    #: ``R`` has no usable gradient (``L0``): only mode ``"proximal"`` can apply it.
+    proximal_only = False
 
     def __init__(self, alpha: float) -> None:
         self.alpha = check_real("alpha", alpha)
@@ -119,6 +121,15 @@ class Penalty:
     def prox(self, w: Tensor, step: Step, alpha: float) -> Tensor:
         """``argmin_v R(v) + Σ_i (v_i - w_i)² / (2 step_i)``, a new tensor; ``step`` a float or a tensor."""
         raise NotImplementedError(f"{type(self).__name__} must implement prox(w, step, alpha) for mode 'proximal'")
+
+    def zero_levels(self, w: Tensor, step: Step) -> Tensor:
+        """For each unit the prox can zero (an entry; a group for ``GroupLasso``): the least alpha that zeroes it.
+
+        ``prox_{step R}(w)`` at strength ``alpha`` zeroes exactly the units whose level is ``<= alpha``; target
+        sparsity sets alpha to a k-th smallest level. A new flat tensor of values ``>= +0.0``; for a sharded
+        ``w``, this rank's share, such that the shares of all ranks hold every unit once.
+        """
+        raise NotImplementedError(f"{type(self).__name__} makes no exact zeros, so it has no zero levels")
 
     def check_tensor(self, name: str, w: Tensor) -> None:
         """Raise ``TypeError``/``ValueError`` if the penalty cannot apply to ``w``; called before any weight changes.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,17 +14,24 @@ from torch import Tensor
 
 from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns
 from lightreg.binding import Binding, is_uninitialized
-from lightreg.distributed import check_model, check_strategy, local_tensor, sum_values
+from lightreg.distributed import check_model, check_strategy, is_dtensor, local_tensor, sum_values
 from lightreg.emit import is_log_step, log_scalars
-from lightreg.penalty import Penalty
+from lightreg.penalty import Penalty, Step
+from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, unknown_adaptive_state
 from lightreg.schedules import scheduled_factor
 from lightreg.selection import describe_selection, select_parameters, sparse_gradient_parameters
+from lightreg.target import Point, TargetSparsity, levels_reduce, selection_dtype, zero_fraction
 
 MODES = ("gradient", "decoupled", "proximal")
 
 
 def _lr(group: dict[str, Any]) -> float:
     return float(group["lr"])  # a tensor lr costs one sync per param group, never one per parameter
+
+
+def _each(steps: float | Sequence[Step]) -> Iterable[Step]:
+    """One step per tensor: ``steps`` itself, or the one float repeated."""
+    return itertools.repeat(steps) if isinstance(steps, (int, float)) else steps
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -35,9 +43,18 @@ class Regularizer(Callback):
 
     Modes (design.md): ``gradient`` adds ``∇R`` to ``.grad`` (after AMP unscaling and accumulation, before
     clipping: the same as ``R`` in the loss); ``decoupled`` takes ``w -= lr * ∇R(w)`` just before the
-    step (``L2`` with Adam is AdamW); ``proximal`` (default) applies ``prox_{lr R}`` right after the step
-    (exact zeros; ISTA with SGD). Every mode acts once per real step on exactly the parameters the
-    optimizer steps (``.grad`` of ``None``: skipped, as torch skips it), with the group's ``lr`` then.
+    step (``L2`` with Adam is AdamW); ``proximal`` (default) applies ``prox_{t R}`` right after the step
+    (exact zeros; ISTA with SGD), ``t`` the step the optimizer took: per coordinate ``lr / (sqrt(v̂) + eps)``
+    for Adam, AdamW, NAdam, RAdam, RMSprop and Adagrad (``lightreg.preconditioner``), so that the fixed
+    points are the stationary points of ``loss + R`` with those optimizers too; ``lr`` for the others.
+    Every mode acts once per real step on exactly the parameters the optimizer steps (``.grad`` of
+    ``None``: skipped, as torch skips it), with the group's ``lr`` then.
+
+    With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``,
+    ``GroupLasso``) alpha is not the penalty's: after every step of a ramp it is set to the level at which
+    the prox zeroes exactly the ramped fraction of the selection (``lightreg.target``); then the zero
+    pattern is frozen and the penalty is off for a final debias phase. Also logged: ``reg/<name>/sparsity``
+    and ``reg/<name>/target``.
 
     Where: ``proximal`` in the step post-hook; ``gradient`` and ``decoupled`` in ``on_before_optimizer_step``
     under automatic optimization (backward runs inside ``optimizer.step``; ``decoupled`` with a grad
@@ -58,6 +75,14 @@ class Regularizer(Callback):
         schedule: callable ``step -> factor`` multiplying alpha (see ``lightreg.schedules``).
         name: metric and checkpoint name; defaults to the penalty's (``l1``, ``elastic_net``...). Give
             stacked Regularizers of the same penalty distinct names.
+        preconditioned: in proximal mode, use the adaptive optimizers' per-coordinate step (default);
+            ``False`` uses the plain ``lr`` for every optimizer.
+        target_sparsity: the final fraction of zero units (entries; groups for ``GroupLasso``), in (0, 1).
+        target_ramp: ``(start, end)`` of the cubic ramp, as steps (ints) or fractions of the fit (floats);
+            default ``(0, 2/3)`` of ``trainer.estimated_stepping_batches``.
+        target_debias: the final phase with the zeros frozen and the penalty off, as steps or a fraction of
+            the fit; default: from the end of the ramp on; ``0``: none (the level keeps tracking the target).
+        target_every: select the level every n steps (1: every step, exact; larger: cheaper on big models).
 
     Example:
         >>> from lightreg import L1
@@ -73,6 +98,11 @@ class Regularizer(Callback):
         exclude: Sequence[str] | str | None = None,
         schedule: Callable[[int], float] | None = None,
         name: str | None = None,
+        preconditioned: bool = True,
+        target_sparsity: float | None = None,
+        target_ramp: Sequence[Point] | None = None,
+        target_debias: Point | None = None,
+        target_every: int = 1,
     ) -> None:
         if not isinstance(penalty, Penalty):
             raise TypeError(f"penalty must be a lightreg Penalty (L1, L2, ElasticNet, GroupLasso), got {penalty!r}")
@@ -82,7 +112,19 @@ class Regularizer(Callback):
             raise TypeError(f"schedule must be a callable step -> factor, got {schedule!r}")
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
+        if not isinstance(preconditioned, bool):
+            raise TypeError(f"preconditioned must be True or False, got {preconditioned!r}")
+        if penalty.proximal_only and mode != "proximal":
+            raise ValueError(f"{penalty!r} has no gradient: it works only with mode='proximal', got mode={mode!r}")
+        self._target = None if target_sparsity is None else TargetSparsity(target_sparsity, target_ramp, target_debias, target_every)
+        if self._target is not None:
+            if mode != "proximal" or not penalty.makes_zeros:
+                raise ValueError(f"target_sparsity={target_sparsity!r} needs mode='proximal' and a penalty whose prox makes "
+                                 f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso), got {penalty!r} in mode={mode!r}")
+            if schedule is not None:
+                raise ValueError(f"target_sparsity sets alpha at every step; it takes no schedule, got {schedule!r}")
         self.penalty, self.mode, self.schedule = penalty, mode, schedule
+        self.preconditioned = preconditioned
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
         self.name = name or penalty.name
@@ -93,11 +135,16 @@ class Regularizer(Callback):
         self._handles: list[Any] = []
         self._trainer: pl.Trainer | None = None
         self._stepped = self._decay_in_pre_hook = self._keyed = False
+        self._checked_optimizers: set[int] = set()
+        self._last_step = 0
 
     def __repr__(self) -> str:
+        extra = "" if self.preconditioned else ", preconditioned=False"
+        if self._target is not None:
+            extra += f", target_sparsity={self._target.target!r}"
         return (
             f"Regularizer({self.penalty!r}, mode={self.mode!r}, include={self.include!r}, "
-            f"exclude={self.exclude!r}, schedule={self.schedule!r}, name={self.name!r})"
+            f"exclude={self.exclude!r}, schedule={self.schedule!r}, name={self.name!r}{extra})"
         )
 
     @property
@@ -142,6 +189,8 @@ class Regularizer(Callback):
         # A grad scaler calls optimizer.step after backward and only when the step is not skipped: there the
         # pre-step hook is the decoupled step's place; otherwise the closure's backward runs inside the step.
         self._decay_in_pre_hook = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if self._target is not None:
+            self._target.setup(trainer.estimated_stepping_batches)
         self._hook_optimizers(trainer)  # resolves each optimizer now, so its refusals come before any step
         self._report_selection(pl_module, selected)
 
@@ -178,10 +227,15 @@ class Regularizer(Callback):
         self._trainer = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_applied": self.steps_applied, "penalty": repr(self.penalty), "mode": self.mode}
+        state = {"steps_applied": self.steps_applied, "penalty": repr(self.penalty), "mode": self.mode}
+        if self._target is not None:  # sharded masks are rebuilt from the zeros of the restored weights instead
+            state["target"] = self._target.state_dict({n for n, p in self.penalised() if not is_dtensor(p)})
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps_applied = state_dict["steps_applied"]
+        if self._target is not None and "target" in state_dict:
+            self._target.load_state_dict(state_dict["target"])
         saved = (state_dict.get("penalty"), state_dict.get("mode"))
         if saved != (repr(self.penalty), self.mode):
             rank_zero_warn(f"Regularizer {self.name!r} resumes with {self.penalty!r} ({self.mode}); the checkpoint had {saved}")
@@ -190,27 +244,41 @@ class Regularizer(Callback):
     @torch.no_grad()  # else g += alpha * w records w into p.grad's autograd history (and FSDP2 refuses it)
     def apply_gradient(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``g += ∇R(w)`` for the selected parameters of ``optimizer`` that have a gradient."""
-        for _, params in self._stepped_params(optimizer):
+        for _, _, params in self._stepped_params(optimizer):
             grads = [p.grad for p in params]
             self.penalty.apply_gradient_(self._operands(grads), self._operands(params), alpha)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def apply_decoupled(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w -= lr * ∇R(w)`` with each param group's ``lr``, for the parameters about to be stepped."""
-        for group, params in self._stepped_params(optimizer):
+        for group, _, params in self._stepped_params(optimizer):
             self.penalty.apply_decay_(self._operands(params), _lr(group), alpha)
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
-        """``w <- prox_{t R}(w)`` with ``t`` the step the optimizer took (``prox_steps``), for the stepped parameters."""
-        for group, params in self._stepped_params(optimizer):
-            steps = self.prox_steps(_unwrap(optimizer), group, params)
-            self.penalty.apply_prox_(self._operands(params), steps, alpha)
+        """``w <- prox_{t R}(w)`` with ``t`` the step the optimizer took (``prox_steps``), for the stepped parameters;
+        with a target, the level that zeroes the ramped fraction (or, frozen, the mask) instead of ``alpha``."""
+        stepped = self._stepped_params(optimizer)
+        work = [(self._operands(ps), self.prox_steps(_unwrap(optimizer), g, ps)) for g, _, ps in stepped]
+        if self._target is not None:
+            if self._target.frozen(self._last_step):
+                self.alpha = 0.0
+                return self._target.apply_masks_(self._named_operands(stepped))
+            params = [p for _, _, ps in stepped for p in ps]
+            levels = lambda: (self.penalty.zero_levels(w, s) for ops, steps in work for w, s in zip(ops, _each(steps)))  # noqa: E731
+            alpha = self.alpha = self._target.level(self._last_step, levels, selection_dtype(params), levels_reduce(params))
+        for operands, steps in work:
+            self.penalty.apply_prox_(operands, steps, alpha)
 
     def prox_steps(
         self, optimizer: torch.optim.Optimizer, group: dict[str, Any], params: Sequence[Tensor]
-    ) -> float | list[float | Tensor]:
-        """The prox step of each parameter: the param group's ``lr`` (one float for all of them)."""
+    ) -> float | Sequence[Step]:
+        """The prox step of each parameter: the step ``optimizer`` just took on each coordinate (one tensor per
+        parameter, computed when read) when it is a known adaptive optimizer and ``preconditioned``; else the
+        param group's ``lr`` (one float for all of them)."""
+        if self.preconditioned and is_preconditioned(optimizer):
+            return LazySteps(step_rule(optimizer, group), params)
+        self._warn_unknown_adaptive(optimizer)
         return _lr(group)
 
     @torch.no_grad()
@@ -218,14 +286,25 @@ class Regularizer(Callback):
         """``reg/<name>/penalty`` (``R(w)`` of the penalised weights at the last alpha) and ``reg/<name>/alpha``."""
         params = [p for _, p in self.penalised() if not is_uninitialized(p)]
         penalty = sum_values([self.penalty.value(p, self.alpha) for p in params])  # global under FSDP2
-        return {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
+        metrics: dict[str, Tensor | float] = {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
+        if self._target is not None:
+            metrics[f"reg/{self.name}/sparsity"] = zero_fraction(self.penalty, self._operands(params), levels_reduce(params))
+            metrics[f"reg/{self.name}/target"] = self._target.fraction(self._last_step)
+        return metrics
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _stepped_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """``(live param group, its selected parameters that have a gradient)``, for the groups with any."""
+    def _stepped_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], list[str], list[Tensor]]]:
+        """``(live param group, names, its selected parameters that have a gradient)``, for the groups with any."""
         optimizer = _unwrap(optimizer)  # torch skips a parameter without a gradient, and so do we: no host sync
-        pairs = [(g.index, [p for p in g.params if p.grad is not None]) for g in self._binding.groups(optimizer)]
-        return [(optimizer.param_groups[index], params) for index, params in pairs if params]
+        out = []
+        for g in self._binding.groups(optimizer):
+            kept = [(n, p) for n, p in zip(g.names, g.params, strict=True) if p.grad is not None]
+            if kept:
+                out.append((optimizer.param_groups[g.index], [n for n, _ in kept], [p for _, p in kept]))
+        return out
+
+    def _named_operands(self, stepped: Sequence[tuple[Any, list[str], list[Tensor]]]) -> list[tuple[str, Tensor]]:
+        return [(n, w) for _, names, ps in stepped for n, w in zip(names, self._operands(ps), strict=True)]
 
     def _operands(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         # An elementwise penalty acts on each FSDP2 shard alone: no DTensor dispatch, and the foreach path applies.
@@ -243,6 +322,8 @@ class Regularizer(Callback):
         self._optimizers[id(optimizer)] = optimizer
         if self.mode != "proximal":
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
+        if self._target is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._freeze_hook))
         # Every mode counts the steps that really ran here; proximal also acts here.
         self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
 
@@ -255,17 +336,42 @@ class Regularizer(Callback):
         elif self.mode == "decoupled" and (manual or self._decay_in_pre_hook):
             self.apply_decoupled(optimizer, self.current_alpha(trainer.global_step))
 
+    @torch.no_grad()
+    def _freeze_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # The zero pattern is recorded before the first frozen step moves the zeros (and again after a resume
+        # whose checkpoint could not hold the masks of sharded parameters: the weights still hold the zeros).
+        assert self._trainer is not None and self._target is not None
+        if self._target.frozen(self._trainer.global_step):
+            groups = self._binding.groups(_unwrap(optimizer))
+            self._target.freeze_missing([(n, w) for g in groups for n, w in zip(g.names, self._operands(g.params), strict=True)])
+
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self._trainer is not None, "optimizer hook fired outside a fit"
+        self._last_step = self._trainer.global_step
         self.alpha = self.current_alpha(self._trainer.global_step)
         if self.mode == "proximal":
             self.apply_proximal(optimizer, self.alpha)
         self.steps_applied += bool(self._binding.groups(optimizer))
         self._stepped = True
 
+    def _warn_unknown_adaptive(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self._checked_optimizers or not optimizer.state:
+            return
+        self._checked_optimizers.add(id(optimizer))
+        keys = unknown_adaptive_state(optimizer)
+        if keys and self.preconditioned:
+            rank_zero_warn(f"Regularizer {self.name!r}: {type(optimizer).__name__} keeps per-coordinate state {keys} but its "
+                           "step is not known to lightreg; the prox uses the plain lr (override Regularizer.prox_steps).")
+
     def _report_selection(self, pl_module: pl.LightningModule, selected: Sequence[tuple[str, Tensor]]) -> None:
         held = {id(p) for _, p in self.penalised()}
+        lines = []
+        if self.mode == "proximal":
+            steps = [step_formula(o) if self.preconditioned else f"{type(o).__name__}: lr" for o in self._optimizers.values()]
+            lines += [f"\n  prox step  {s}" for s in steps]
+        if self._target is not None:
+            lines.append(f"\n  target sparsity {self._target.target:g}, {self._target.window}")
         rank_zero_info(f"Regularizer {self.name!r}: {self.penalty!r}, mode={self.mode}, "
-                       + describe_selection(pl_module, selected, held))
+                       + describe_selection(pl_module, selected, held) + "".join(lines))
         if selected and not held:
             rank_zero_warn(f"Regularizer {self.name!r}: no optimizer holds any selected tensor yet; it acts once one does")

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from lightreg import L1, L2, ElasticNet, GroupLasso, Regularizer
+from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer
 from lightreg.distributed import global_value, local_tensor
 from lightreg.selection import clean_name
 from tests.models import TinyNet, loader, regression_data, trainer
@@ -27,8 +27,19 @@ PENALTIES = {
     "en": lambda: ElasticNet(0.4, l1_ratio=0.5),
     "gl0": lambda: GroupLasso(0.2, dim=0),  # rows: whole groups on one rank under FSDP2
     "gl1": lambda: GroupLasso(0.2, dim=1),  # columns: every group split across the ranks under FSDP2
+    "l0": lambda: L0(0.01),
 }
 OPTIMIZER = {"gradient": "sgd", "decoupled": "adam", "proximal": "sgd"}
+#: Adam's per-coordinate prox and target sparsity: name -> (table key, optimizer, Regularizer keywords).
+ADAPTIVE = {
+    "adam-l1": ("l1-proximal", "adam", {}),
+    "adam-gl0": ("gl0-proximal", "adam", {}),
+    "adam-gl1": ("gl1-proximal", "adam", {}),
+    "target-l0": ("l0-proximal", "adam", {"target_sparsity": 0.6}),
+    "target-l1-sgd": ("l1-proximal", "sgd", {"target_sparsity": 0.6}),
+    "target-gl1": ("gl1-proximal", "adam", {"target_sparsity": 0.5}),
+    "target-gl0": ("gl0-proximal", "adam", {"target_sparsity": 0.5}),
+}
 
 
 class TwoGroupNet(TinyNet):
@@ -62,18 +73,22 @@ class Snapshot(Callback):
 
 def train(key: str, *, batch_size: int, model_cls=TinyNet, accumulate: int = 1, clip: float | None = None,
           extra_callbacks=(), log_dir: Path | None = None, dtype=torch.float64, include=None, **trainer_kwargs) -> dict:
-    """Train the table entry ``key`` (``"<penalty>-<mode>"``, or ``"none"``) and return its :class:`Snapshot`.
+    """Train the table entry ``key`` (``"<penalty>-<mode>"``, ``"none"``, or a name of ``ADAPTIVE``) and return
+    its :class:`Snapshot`.
 
     With ``log_dir``, a ``CSVLogger`` logs every step and ``out["logged"]`` holds the ``reg/`` rows it wrote.
     """
     if log_dir is not None:
         trainer_kwargs.update(logger=CSVLogger(log_dir, name=key, version=0), log_every_n_steps=1)
     x, y = regression_data(n=N, d=D, dtype=dtype)
-    regs = []
+    regs, reg_kwargs = [], {}
+    if key in ADAPTIVE:
+        key, optimizer, reg_kwargs = ADAPTIVE[key]
+    else:
+        optimizer = OPTIMIZER[key.split("-")[1]] if key != "none" else "sgd"
     if key != "none":
         penalty, mode = key.split("-")
-        regs = [Regularizer(PENALTIES[penalty](), mode=mode, include=include)]
-    optimizer = OPTIMIZER[key.split("-")[1]] if key != "none" else "sgd"
+        regs = [Regularizer(PENALTIES[penalty](), mode=mode, include=include, **reg_kwargs)]
     model = model_cls(d=D, optimizer=optimizer, lr=0.05, dtype=dtype)
     snap = Snapshot(regs)
     trainer(max_epochs=EPOCHS, callbacks=[*regs, snap, *extra_callbacks], accumulate_grad_batches=accumulate,

@@ -7,10 +7,11 @@ clipping) on both ranks; the single-process oracle runs here. Float64 full-batch
 from __future__ import annotations
 
 import pytest
+import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightreg import GroupLasso, Regularizer
-from tests._parity import EPOCHS, N, TwoGroupNet, assert_same, table, train
+from tests._parity import ADAPTIVE, EPOCHS, N, TwoGroupNet, assert_same, table, train
 from tests._spawn import run_on_ranks
 from tests.models import TinyNet, loader, regression_data, trainer
 
@@ -34,6 +35,8 @@ def _ddp_worker(rank: int, log_dir) -> dict:
     for name, (key, batch, accumulate, clip) in EXTRA.items():
         out[name] = train(key, batch_size=batch, accumulate=accumulate, clip=clip, **ddp())
     out["groups"] = train("l1-proximal", batch_size=N // 2, model_cls=TwoGroupNet, **ddp())
+    for name in ADAPTIVE:
+        out[name] = train(name, batch_size=N // 2, **ddp())
     out["logged"] = train(LOGGED, batch_size=N // 2, log_dir=log_dir, **ddp())
     return out
 
@@ -58,6 +61,23 @@ def test_ddp_ranks_identical_and_equal_to_one_process(ddp_runs, key):
     plain = train("none", batch_size=N)
     moved = max((single["weights"][n] - plain["weights"][n]).abs().max().item() for n in single["names"])
     assert moved > 1e-4
+
+
+@pytest.mark.parametrize("key", list(ADAPTIVE))
+def test_ddp_adaptive_prox_and_target_sparsity_take_the_same_decision_on_every_rank(ddp_runs, key):
+    """Every rank computes the level from the same all-reduced state: identical weights, levels and zeros."""
+    rank0, rank1 = ddp_runs[0][key], ddp_runs[1][key]
+    assert_same(rank0["weights"], rank1["weights"], tol=0.0)
+    assert rank0["metrics"] == rank1["metrics"]
+    single = train(key, batch_size=N)
+    assert_same(rank0["weights"], single["weights"])
+    for name in single["names"]:
+        assert torch.equal(rank0["weights"][name] == 0, single["weights"][name] == 0), name
+    assert rank0["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
+    if key.startswith("target"):
+        name = next(k for k in single["metrics"] if k.endswith("/target")).rsplit("/", 1)[0]
+        # Within one unit: the nearest count of 144 weights, or of 17 groups (rows of net.0 and net.3).
+        assert single["metrics"][f"{name}/sparsity"] == pytest.approx(single["metrics"][f"{name}/target"], abs=1 / 17)
 
 
 def test_ddp_clipping_was_active(ddp_runs):

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, GroupLasso, Regularizer
 from lightreg.distributed import is_dtensor
-from tests._parity import N, TwoGroupNet, assert_same, table, train
+from tests._parity import ADAPTIVE, N, TwoGroupNet, assert_same, table, train
 from tests._spawn import run_on_ranks
 from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer
 
@@ -77,6 +77,10 @@ def _fsdp(**kw):
 def _fsdp_worker(rank: int, log_dir) -> dict:
     out = {key: train(key, batch_size=N // 2, model_cls=ShardedNet, **_fsdp()) for key in KEYS}
     out["accumulate"] = train("en-proximal", batch_size=N // 4, accumulate=2, model_cls=ShardedNet, **_fsdp())
+    # Adam's per-coordinate prox (GroupLasso's metric prox sums split groups across ranks) and target sparsity
+    # (histograms of the levels summed across the shards).
+    for name in ADAPTIVE:
+        out[name] = train(name, batch_size=N // 2, model_cls=ShardedNet, **_fsdp())
     # Norm clipping of DTensor gradients sees the penalty (mode gradient), as with the penalty in the loss.
     out["clip"] = train("gl1-gradient", batch_size=N // 2, clip=0.05, model_cls=ShardedNet, **_fsdp())
     for key in GROUP_KEYS:
@@ -134,6 +138,19 @@ def test_fsdp2_equals_one_process(fsdp_runs, key):
     for rank in (rank0, rank1):
         assert rank["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
         assert rank["steps_applied"] == single["steps_applied"]
+
+
+@pytest.mark.parametrize("key", list(ADAPTIVE))
+def test_fsdp2_adaptive_prox_and_target_sparsity_equal_one_process(fsdp_runs, key):
+    rank0, rank1 = fsdp_runs[0][key], fsdp_runs[1][key]
+    assert_same(rank0["weights"], rank1["weights"], tol=0.0)
+    single = train(key, batch_size=N)
+    assert_same(rank0["weights"], single["weights"])
+    for name in single["names"]:
+        assert torch.equal(rank0["weights"][name] == 0, single["weights"][name] == 0), name
+    # The level, the measured sparsity and the penalty are global on every rank (not a shard's).
+    for rank in (rank0, rank1):
+        assert rank["metrics"] == pytest.approx(single["metrics"], rel=1e-12)
 
 
 def test_fsdp2_names_and_binding(fsdp_runs):
