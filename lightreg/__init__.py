@@ -7,7 +7,7 @@ Lightning hooks to it. Hydra and W&B are used only by the app (``lightreg.app``)
 from lightreg.group_lasso import GroupLasso
 from lightreg.l0 import L0
 from lightreg.monitor import WeightMonitor
-from lightreg.penalties import L1, L2, ElasticNet
+from lightreg.elementwise import L1, L2, ElasticNet
 from lightreg.penalty import Penalty
 from lightreg.regularizer import Regularizer
 from lightreg.report import print_report, sparsity_report

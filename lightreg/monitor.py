@@ -13,7 +13,7 @@ from torch import Tensor
 from lightreg._checks import check_int, check_patterns, check_real, check_tensor_kind
 from lightreg.binding import is_uninitialized
 from lightreg.distributed import check_model, is_dtensor
-from lightreg.emit import log_scalars, wandb_loggers
+from lightreg.loggers import log_scalars, wandb_loggers
 from lightreg.selection import Owned, effective_tensor, select_rows
 from lightreg.statistics import EXTRAS, Masked, figure_names, figures, global_sparsity, reduce_partial_sums
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns
 from lightreg.binding import Binding, is_uninitialized
 from lightreg.distributed import check_model, check_strategy, is_dtensor, local_tensor, sum_values
-from lightreg.emit import is_log_step, log_scalars
+from lightreg.loggers import is_log_step, log_scalars
 from lightreg.penalty import Penalty, Step
 from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, unknown_adaptive_state
 from lightreg.schedules import scheduled_factor

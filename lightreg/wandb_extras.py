@@ -16,7 +16,7 @@ import wandb
 from torch import Tensor
 
 from lightreg.distributed import is_dtensor, local_tensor
-from lightreg.emit import logger_step, wandb_loggers
+from lightreg.loggers import logger_step, wandb_loggers
 from lightreg.report import REPORT_COLUMNS, overall_sparsity
 from lightreg.statistics import counted_here
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightreg import L1, L2, ElasticNet, GroupLasso
-from lightreg import penalties as penalties_module
+from lightreg import elementwise
 from tests.oracles import explicit_prox, explicit_value
 
 
@@ -116,7 +116,7 @@ def test_foreach_path_equals_the_loop(monkeypatch, penalty):
     loop = [t.clone() for t in tensors]
     fused = [t.clone() for t in tensors]
     penalty.apply_prox_(loop, 0.3)
-    monkeypatch.setattr(penalties_module, "use_foreach", lambda ts: True)
+    monkeypatch.setattr(elementwise, "use_foreach", lambda ts: True)
     penalty.apply_prox_(fused, 0.3)
     for a, b in zip(loop, fused):
         assert torch.equal(a, b)
@@ -124,7 +124,7 @@ def test_foreach_path_equals_the_loop(monkeypatch, penalty):
         g_loop, g_fused = [torch.ones_like(t) for t in tensors], [torch.ones_like(t) for t in tensors]
         penalty.apply_gradient_(g_fused, tensors)
         penalty.apply_decay_(fused, lr=0.3)
-        monkeypatch.setattr(penalties_module, "use_foreach", lambda ts: False)
+        monkeypatch.setattr(elementwise, "use_foreach", lambda ts: False)
         penalty.apply_gradient_(g_loop, tensors)
         penalty.apply_decay_(loop, lr=0.3)
         assert all(torch.equal(a, b) for a, b in zip(g_loop, g_fused))
@@ -133,7 +133,7 @@ def test_foreach_path_equals_the_loop(monkeypatch, penalty):
 
 def test_chunks_never_exceed_the_largest_tensor():
     tensors = [torch.empty(n) for n in (5, 3, 2, 9, 1, 1, 8)]
-    runs = penalties_module.chunk_by_numel(tensors)
+    runs = elementwise.chunk_by_numel(tensors)
     assert [i for r in runs for i in range(r.start, r.stop)] == list(range(len(tensors)))
     assert all(sum(t.numel() for t in tensors[r]) <= 9 for r in runs)
 

@@ -39,7 +39,7 @@ from lightreg.app.build import (
 )
 from lightreg.app.config import ConfigError, RunContext, config_dir, register_resolvers
 from lightreg.app.tracking import abort_wandb, build_logger, finish_wandb, log_config
-from lightreg.emit import to_floats
+from lightreg.loggers import to_floats
 from lightreg.report import overall_sparsity
 
 #: Errors that mean "the configuration is wrong", reported without a traceback.

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, L2, ElasticNet, GroupLasso, Regularizer
-from lightreg.penalties import use_foreach
+from lightreg.elementwise import use_foreach
 from tests._parity import N, assert_same, train
 from tests.models import TinyNet, loader, regression_data, trainer
 

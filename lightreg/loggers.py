@@ -1,4 +1,5 @@
-"""Send scalar tensors to every Lightning logger in one host transfer, on Lightning's own log steps.
+"""The callbacks' side of Lightning's loggers: when a batch is a log step, its step number, the attached
+``WandbLogger``s, and scalar tensors written to every logger in one host transfer.
 
 Like Lightning's ``LearningRateMonitor``, callbacks here write through ``logger.log_metrics`` rather
 than ``LightningModule.log``: no per-metric ``.item()``, no collective, no progress-bar entry, and the

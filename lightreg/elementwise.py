@@ -1,8 +1,8 @@
-"""Elementwise penalties L1, L2 and elastic net, in scikit-learn's parameterisation.
+"""The elementwise penalties L1, L2 and elastic net, in scikit-learn's parameterisation.
 
-Each penalty is three plain tensor functions that know nothing of Lightning (see ``penalty.py``): the
-differentiable value ``R(w)``, the (sub)gradient added into gradients, and the in-place proximal step.
-The callback in ``regularizer.py`` only decides when to call them.
+Each is a sum of one term per entry, ``R(w) = Σ_i r(w_i)``, written as the plain tensor functions of the
+``Penalty`` contract (``lightreg.penalty``): the differentiable value, the (sub)gradient, the proximal step,
+each with a fused in-place form. The ``Regularizer`` callback only decides when to call them.
 """
 
 from __future__ import annotations
