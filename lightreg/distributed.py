@@ -16,7 +16,8 @@ which ``DTensor`` performs when asked for a replicated or full value. Two ``DTen
 
 FSDP1 (``FSDPStrategy``) turns parameters into flat 1-D shards without their shapes, and DeepSpeed keeps
 its own partitioned copies of the weights and gradients: penalties written against the module's tensors
-would be silently wrong there, so :func:`check_strategy` and :func:`check_model` refuse them at fit start.
+would be silently wrong there, so :func:`check_fit` refuses them at fit start, with one rule for every
+callback.
 """
 
 from __future__ import annotations
@@ -133,13 +134,18 @@ def _deepspeed_stage(strategy: Any) -> str:
     return str(zero.get("stage", "?")) if isinstance(zero, dict) else "?"
 
 
-def check_strategy(strategy: Any, who: str) -> None:
+def check_strategy(strategy: Any, who: str, *, read_only: bool = False) -> None:
     """Raise ``ValueError`` if ``who`` (e.g. ``"Regularizer 'l1'"``) cannot act correctly under ``strategy``.
 
-    Refused: Lightning's ``DeepSpeedStrategy`` (every ZeRO stage: DeepSpeed keeps gradients and fp32
-    master weights in its own partitioned buffers, so ``p.grad`` is ``None`` at the hook and a change to
-    the module's weights is overwritten by the next step) and ``FSDPStrategy`` (FSDP1: parameters are
-    flat 1-D shards that lost their shape, so neither the default selection rule nor ``GroupLasso`` apply).
+    One rule for every callback: refused are the layouts in which the module's parameters are not the
+    weights the callback means to see or change.
+
+    * ``FSDPStrategy`` (FSDP1), always: parameters are flat 1-D shards that lost their shape, so neither
+      the default selection rule nor ``GroupLasso`` apply, and any figure would be a shard's.
+    * ``DeepSpeedStrategy`` at ZeRO stage 3, always: its parameters are flat partitions as well.
+    * ``DeepSpeedStrategy`` at every stage, unless ``read_only`` (a callback that only measures the
+      weights): DeepSpeed keeps gradients and fp32 master weights in its own partitioned buffers, so
+      ``p.grad`` is ``None`` at the hook and a change to the module's weights is overwritten by the next step.
 
     Example:
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -147,12 +153,17 @@ def check_strategy(strategy: Any, who: str) -> None:
     """
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    if isinstance(strategy, DeepSpeedStrategy):
+    stage = _deepspeed_stage(strategy) if isinstance(strategy, DeepSpeedStrategy) else None
+    if stage is not None and not read_only:
         raise ValueError(
-            f"{who} does not support DeepSpeedStrategy (ZeRO stage {_deepspeed_stage(strategy)}): DeepSpeed keeps "
-            "gradients and fp32 master weights in its own partitioned buffers, so p.grad is None when the penalty "
-            "would be added and a change to the module's weights is overwritten by the next step. "
-            f"Use {SUPPORTED}."
+            f"{who} does not support DeepSpeedStrategy (ZeRO stage {stage}): DeepSpeed keeps gradients and fp32 "
+            "master weights in its own partitioned buffers, so p.grad is None when the penalty would be added and a "
+            f"change to the module's weights is overwritten by the next step. Use {SUPPORTED}."
+        )
+    if stage == "3":
+        raise ValueError(
+            f"{who} does not support DeepSpeedStrategy (ZeRO stage 3): its parameters are flat partitions outside "
+            f"forward, so every figure would be a partition's. Use {SUPPORTED}."
         )
     if isinstance(strategy, FSDPStrategy):
         raise ValueError(
@@ -182,6 +193,20 @@ def check_model(model: torch.nn.Module, who: str) -> None:
             )
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
             raise ValueError(f"{who}: parameter {name!r} is a DeepSpeed ZeRO parameter. Use {SUPPORTED}.")
+
+
+def check_fit(strategy: Any, model: torch.nn.Module, who: str, *, read_only: bool = False) -> None:
+    """The fit-start refusal every callback makes: :func:`check_strategy`, then :func:`check_model`.
+
+    ``read_only``: ``who`` only measures the weights (``WeightMonitor``); one that adds to gradients or
+    changes weights (``Regularizer``) passes ``False``.
+
+    Example:
+        >>> from lightning.pytorch.strategies import DDPStrategy
+        >>> check_fit(DDPStrategy(), torch.nn.Linear(2, 2), "WeightMonitor", read_only=True)  # no error
+    """
+    check_strategy(strategy, who, read_only=read_only)
+    check_model(model, who)
 
 
 def sum_values(values: Sequence[Tensor]) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightreg._checks import check_int, check_patterns, check_real, check_tensor_kind
 from lightreg.binding import is_uninitialized
-from lightreg.distributed import check_model, is_dtensor
+from lightreg.distributed import check_fit, is_dtensor
 from lightreg.loggers import log_scalars, wandb_loggers
 from lightreg.selection import Owned, effective_tensor, select_rows
 from lightreg.statistics import EXTRAS, Masked, figure_names, figures, global_sparsity, reduce_partial_sums
@@ -144,8 +144,7 @@ class WeightMonitor(Callback):
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _refuse_flat_shards(trainer)
-        check_model(pl_module, "WeightMonitor")  # FSDP1 or ZeRO parameters wrapped by hand
+        check_fit(trainer.strategy, pl_module, "WeightMonitor", read_only=True)
         self._select(pl_module)
         self._sharded = any(is_dtensor(row.param) for row in self._rows)
         self._stepped = False
@@ -207,12 +206,3 @@ class WeightMonitor(Callback):
         # was registered earlier; the figures themselves wait for on_train_batch_end, after all of them.
         self._stepped = True
 
-
-def _refuse_flat_shards(trainer: pl.Trainer) -> None:
-    """FSDP1 and ZeRO-3 keep flat 1-D shards under the original names: any figure would be a shard's."""
-    strategy = trainer.strategy
-    if type(strategy).__name__ == "FSDPStrategy" or getattr(strategy, "zero_stage_3", False):
-        raise ValueError(
-            f"WeightMonitor cannot measure parameters under {type(strategy).__name__} (flat 1-D shards); "
-            "use ModelParallelStrategy with fully_shard (FSDP2), whose DTensor parameters it reduces exactly"
-        )

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns
 from lightreg.binding import Binding, is_uninitialized
-from lightreg.distributed import check_model, check_strategy, is_dtensor, local_tensor, sum_values
+from lightreg.distributed import check_fit, is_dtensor, local_tensor, sum_values
 from lightreg.loggers import is_log_step, log_scalars
 from lightreg.penalty import Penalty, Step
 from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, unknown_adaptive_state
@@ -175,8 +175,7 @@ class Regularizer(Callback):
         self._keyed = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_strategy(trainer.strategy, f"Regularizer {self.name!r}")
-        check_model(pl_module, f"Regularizer {self.name!r}")
+        check_fit(trainer.strategy, pl_module, f"Regularizer {self.name!r}")
         self.alpha = self.current_alpha(trainer.global_step)
         selected = self.select(pl_module)
         sparse = sparse_gradient_parameters(pl_module) if self.mode == "gradient" else set()

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
 )
 
-from lightreg import L1, Regularizer
+from lightreg import L1, Regularizer, WeightMonitor
 from lightreg.distributed import check_model, check_strategy
 from tests.models import TinyNet, loader, regression_data, trainer
 
@@ -95,3 +95,18 @@ def test_check_model_refuses_flat_and_deepspeed_parameters():
     model.bias.ds_id = 0  # DeepSpeed's ZeRO parameters carry ds_id / ds_status
     with pytest.raises(ValueError, match=r"'bias' is a DeepSpeed ZeRO parameter"):
         check_model(model, "WeightMonitor")
+
+
+def test_monitor_refuses_flat_shards_and_accepts_what_it_can_read():
+    """One rule for both callbacks: the monitor only reads weights, so ZeRO stages 1-2 (whole weights) pass."""
+    from lightreg.distributed import check_fit
+
+    model = TinyNet()
+    for strategy, match in [(FSDPStrategy(), r"WeightMonitor does not support FSDPStrategy \(FSDP1\)"),
+                            (_deepspeed(3), r"WeightMonitor does not support DeepSpeedStrategy \(ZeRO stage 3\)")]:
+        with pytest.raises(ValueError, match=match):
+            WeightMonitor().on_fit_start(type("FakeTrainer", (), {"strategy": strategy})(), model)
+    for stage in (1, 2):
+        check_fit(_deepspeed(stage), model, "WeightMonitor", read_only=True)
+        with pytest.raises(ValueError, match=rf"Regularizer 'l1' does not support DeepSpeedStrategy \(ZeRO stage {stage}\)"):
+            check_fit(_deepspeed(stage), model, "Regularizer 'l1'")
