@@ -9,24 +9,27 @@ import torch
 from torch import Tensor, nn
 
 from lightreg.selection import effective_tensor, select_rows
-from lightreg.statistics import Masked, figures, reduce_partial_sums
+from lightreg.statistics import DEAD_COLS, DEAD_ROWS, ZEROS, Masked, figures, reduce_partial_sums
 
-#: The keys of every report row, in display order.
+#: The columns of the printed and the W&B table, in display order; every report row has these keys.
 REPORT_COLUMNS = ("name", "shape", "numel", "l1", "l2", "sparsity", "dead_rows", "dead_cols")
+#: The exact counts every report row also carries: ``#(w == 0)``, ``#(all-zero rows)``, ``#(all-zero columns)``.
+COUNT_KEYS = ("zeros", "dead_row_count", "dead_col_count")
 
 
 @torch.no_grad()
 def report_rows(names: Sequence[str], params: Sequence[Tensor | Masked]) -> list[dict[str, Any]]:
-    """One row per tensor (``REPORT_COLUMNS``), computed in one pass with one host transfer.
+    """One row per tensor (``REPORT_COLUMNS`` and ``COUNT_KEYS``), computed in one pass with one host transfer.
 
-    ``dead_rows`` / ``dead_cols`` are the fractions of all-zero slices along dim 0 / dim 1, ``None``
-    for tensors with ``ndim < 2``; an empty tensor's ``sparsity`` is NaN (0 of 0). ``DTensor`` shards
-    are reduced first, so every rank must call it.
+    ``dead_rows`` / ``dead_cols`` are the fractions of all-zero slices along dim 0 / dim 1, and
+    ``dead_row_count`` / ``dead_col_count`` their counts, ``None`` for tensors with ``ndim < 2``; an empty
+    tensor's ``sparsity`` is NaN (0 of 0). ``DTensor`` shards are reduced first, so every rank must call it.
     """
     partials = reduce_partial_sums(params, names, structured=True)
-    values = figures(partials, extras=["structured"]).tolist()
+    table = torch.cat([figures(partials, extras=["structured"]), partials[:, [ZEROS, DEAD_ROWS, DEAD_COLS]]], dim=1)
     rows = []
-    for name, param, (l1, l2, sparsity, dead_rows, dead_cols) in zip(names, params, values, strict=True):
+    for name, param, values in zip(names, params, table.tolist(), strict=True):
+        l1, l2, sparsity, dead_rows, dead_cols, zeros, dead_row_count, dead_col_count = values
         structured = param.ndim >= 2
         rows.append({
             "name": name,
@@ -37,6 +40,9 @@ def report_rows(names: Sequence[str], params: Sequence[Tensor | Masked]) -> list
             "sparsity": sparsity,
             "dead_rows": dead_rows if structured else None,
             "dead_cols": dead_cols if structured else None,
+            "zeros": int(zeros),
+            "dead_row_count": int(dead_row_count) if structured else None,
+            "dead_col_count": int(dead_col_count) if structured else None,
         })
     return rows
 
@@ -46,7 +52,7 @@ def sparsity_report(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-layer ``l1 = Σ|w|``, ``l2 = √Σw²``, ``sparsity = #zeros/numel`` and dead row/column fractions.
+    """Per-layer ``l1 = Σ|w|``, ``l2 = √Σw²``, ``sparsity = #zeros/numel`` and dead row/column fractions and counts.
 
     Works on any ``nn.Module`` outside training, with the ``Regularizer``'s selection rule
     (``ndim >= 2``, no norm layers) or ``include``/``exclude`` globs. A layer pruned with
@@ -59,29 +65,28 @@ def sparsity_report(
         >>> row = sparsity_report(model)[0]
         >>> row["name"], row["shape"], row["l1"], row["l2"], row["sparsity"], row["dead_rows"], row["dead_cols"]
         ('weight', (2, 3), 7.0, 5.0, 0.6666666666666666, 0.5, 0.3333333333333333)
+        >>> row["zeros"], row["dead_row_count"], row["dead_col_count"]
+        (4, 1, 1)
     """
     rows = select_rows(model, include, exclude)
     return report_rows([row.name for row in rows], [effective_tensor(row) for row in rows])
 
 
 def overall_sparsity(rows: Sequence[dict[str, Any]]) -> float:
-    """``Σ #zeros / Σ numel`` over report rows (each row's zero count rounds back to an exact integer).
-
-    Empty tensors add nothing; with no element at all the result is 0.
+    """``Σ zeros / Σ numel`` over report rows; 0 when they hold no element at all.
 
     Example:
-        >>> overall_sparsity([{"sparsity": 0.5, "numel": 4}, {"sparsity": float("nan"), "numel": 0}])
+        >>> overall_sparsity([{"zeros": 2, "numel": 4}, {"zeros": 0, "numel": 0}])
         0.5
     """
     numel = sum(r["numel"] for r in rows)
-    zeros = sum(round(r["sparsity"] * r["numel"]) for r in rows if r["numel"])
-    return zeros / numel if numel else 0.0
+    return sum(r["zeros"] for r in rows) / numel if numel else 0.0
 
 
-def _fraction(value: float | None, total: int) -> str:
-    if value is None or total == 0:
+def _fraction(value: float | None, count: int | None, total: int) -> str:
+    if value is None or count is None or total == 0:
         return "-"
-    return f"{value:.1%} ({round(value * total)}/{total})"
+    return f"{value:.1%} ({count}/{total})"
 
 
 def print_report(rows: Sequence[dict[str, Any]], title: str = "Weight sparsity") -> None:
@@ -97,8 +102,8 @@ def print_report(rows: Sequence[dict[str, Any]], title: str = "Weight sparsity")
         table.add_row(
             row["name"], "x".join(map(str, shape)) or "scalar", f"{row['numel']:,}", f"{row['l1']:.4g}",
             f"{row['l2']:.4g}", f"{row['sparsity']:.2%}" if row["numel"] else "-",
-            _fraction(row["dead_rows"], shape[0] if len(shape) >= 2 else 0),
-            _fraction(row["dead_cols"], shape[1] if len(shape) >= 2 else 0),
+            _fraction(row["dead_rows"], row["dead_row_count"], shape[0] if len(shape) >= 2 else 0),
+            _fraction(row["dead_cols"], row["dead_col_count"], shape[1] if len(shape) >= 2 else 0),
         )
     if rows:
         table.add_section()

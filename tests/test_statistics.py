@@ -138,9 +138,16 @@ def test_sparsity_report_rows_and_printed_table(capsys, monkeypatch):
     assert first["l2"] == pytest.approx(torch.linalg.vector_norm(w, 2).item(), rel=1e-6)
     assert first["sparsity"] == int((w == 0).sum()) / 12 == 6 / 12
     assert (first["dead_rows"], first["dead_cols"]) == (1 / 3, 1 / 4)
+    # the counts are exact integers, counted independently of the fractions
+    dead_rows = sum(bool((w[i] == 0).all()) for i in range(3))
+    dead_cols = sum(bool((w[:, j] == 0).all()) for j in range(4))
+    assert (first["zeros"], first["dead_row_count"], first["dead_col_count"]) == (6, dead_rows, dead_cols) == (6, 1, 1)
+    conv = model[2].weight.detach()
+    assert rows[1]["zeros"] == int((conv == 0).sum()) and isinstance(rows[1]["zeros"], int)
     biases = sparsity_report(model, include="*.bias", exclude="1.*")
     assert [r["name"] for r in biases] == ["0.bias", "2.bias"]
     assert biases[0]["dead_rows"] is None and biases[0]["dead_cols"] is None
+    assert biases[0]["dead_row_count"] is None and biases[0]["dead_col_count"] is None
     print_report(rows + biases)
     out = capsys.readouterr().out
     assert "0.weight" in out and "33.3% (1/3)" in out and "25.0% (1/4)" in out and "total" in out
