@@ -113,6 +113,33 @@ def check_dense_gradient(who: str, name: str, sparse: bool) -> None:
         )
 
 
+def check_regularizer(penalty: object, mode: object, modes: Sequence[str], schedule: object, name: object,
+                      preconditioned: object) -> None:
+    """The ``Regularizer``'s own arguments: the penalty, a mode the penalty works in, the schedule, the name.
+
+    Example:
+        >>> from lightreg import L0
+        >>> check_regularizer(L0(0.1), "gradient", ("gradient", "proximal"), None, None, True)
+        Traceback (most recent call last):
+        ...
+        ValueError: L0(alpha=0.1) has no gradient: it works only with mode='proximal', got mode='gradient'
+    """
+    from lightreg.penalty import Penalty  # penalty.py imports this module
+
+    if not isinstance(penalty, Penalty):
+        raise TypeError(f"penalty must be a lightreg Penalty (L1, L2, ElasticNet, GroupLasso), got {penalty!r}")
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {tuple(modes)}, got {mode!r}")
+    if schedule is not None and not callable(schedule):
+        raise TypeError(f"schedule must be a callable step -> factor, got {schedule!r}")
+    if name is not None and (not isinstance(name, str) or not name or "/" in name):
+        raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
+    if not isinstance(preconditioned, bool):
+        raise TypeError(f"preconditioned must be True or False, got {preconditioned!r}")
+    if penalty.proximal_only and mode != "proximal":
+        raise ValueError(f"{penalty!r} has no gradient: it works only with mode='proximal', got mode={mode!r}")
+
+
 def check_distinct_names(kind: str, names: Sequence[str]) -> None:
     """Raise ``ValueError`` if two callbacks of ``kind`` share a ``name`` (their metrics and state would collide).
 

@@ -18,6 +18,16 @@ import torch
 from torch import Tensor
 
 
+def unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer itself: a ``LightningOptimizer`` wraps the real one.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1); unwrap(opt) is opt
+        True
+    """
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
 def is_uninitialized(param: Tensor) -> bool:
     """Whether ``param`` is a lazy module's ``UninitializedParameter`` (no shape until the first forward).
 
@@ -110,6 +120,17 @@ class Binding:
             self.on_resolve(optimizer, entry.bound)
         self._entries[id(optimizer)] = (optimizer, entry)
         return entry.bound
+
+    def stepped(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], list[str], list[Tensor]]]:
+        """``(live param group, names, its selected parameters that have a gradient)`` for the groups with any:
+        what ``optimizer`` steps now (torch skips a parameter without a gradient; checking costs no host sync)."""
+        optimizer = unwrap(optimizer)
+        out = []
+        for g in self.groups(optimizer):
+            kept = [(n, p) for n, p in zip(g.names, g.params, strict=True) if p.grad is not None]
+            if kept:
+                out.append((optimizer.param_groups[g.index], [n for n, _ in kept], [p for _, p in kept]))
+        return out
 
     def held(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[tuple[str, Tensor]]:
         """The selected ``(name, parameter)`` pairs that any of ``optimizers`` holds, each once, in order."""

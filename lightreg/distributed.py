@@ -1,23 +1,23 @@
-"""Parameters under distributed strategies: sharded ``DTensor``s (FSDP2) and the layouts we refuse.
+"""Sharded ``DTensor`` parameters (FSDP2, tensor parallel) and every collective the package runs.
 
 Under FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``) every parameter is a ``DTensor``
-whose local shard holds some rows of the tensor (possibly none). Elementwise ops (``sign``, ``clamp``,
-``mul_``...) act on the shard, so ``L1``/``L2``/``ElasticNet`` need nothing more; any *sum* over the
-tensor (a penalty value, a group norm that spans shards) is only right after a cross-rank reduction,
-which ``DTensor`` performs when asked for a replicated or full value. Two ``DTensor`` details matter:
+whose local shard holds some rows of the tensor (possibly none). The rest of the package computes on
+plain tensors, local shards included, and takes the cross-rank part from here:
 
-* a norm over a sharded dimension comes back as a *partial* norm; ``.sum()`` of it keeps the partial
-  placement and then reduces it as a norm again, which is wrong (``sum_g sqrt(sum_r x_rg)`` is not
-  ``sqrt(sum_r sum_g x_rg)``). :func:`replicate` resolves the partial value first.
-* reading a value on the host needs every rank to take part: :func:`global_value` is a collective.
-* an in-place update by a per-group factor (``GroupLasso``) has no placement-preserving ``DTensor``
-  rule when groups run across the shards: it is done on :func:`local_tensor` with the shard's slice
-  of the (global) factors, :func:`local_groups`.
+* statistics and histograms take a :class:`ShardReduction` (:func:`shard_reduction`): which rank's shard
+  of each tensor enters a sum (:func:`counted_here`, each element once), where a shard's rows and columns
+  sit in the whole tensor (:meth:`ShardReduction.place`), and the ``all_reduce`` itself;
+* a separable penalty (``Penalty.separable``: ``L1``, ``L2``, ``ElasticNet``, ``L0``) gets each shard
+  alone (:func:`local_tensor`); its values and zero counts add up across ranks through the same reduction;
+* ``GroupLasso`` sums over groups that may span shards: :func:`complete_over_shards` finishes such a
+  sum, :func:`replicate` resolves a *partial* ``DTensor`` norm (``sum_g sqrt(sum_r x_rg)`` is not
+  ``sqrt(sum_r sum_g x_rg)``), :func:`local_groups` slices per-group factors for this rank's shard.
 
-FSDP1 (``FSDPStrategy``) turns parameters into flat 1-D shards without their shapes, and DeepSpeed keeps
-its own partitioned copies of the weights and gradients: penalties written against the module's tensors
-would be silently wrong there, so :func:`check_fit` refuses them at fit start, with one rule for every
-callback.
+Reading a value on the host needs every rank to take part: every function here that reduces is a
+collective, to be called by all ranks in the same order.
+
+The strategies whose parameters are not the module's weights (FSDP1, DeepSpeed) are refused by
+``lightreg.strategies``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ try:  # torch built without distributed support has no DTensor, and then no para
 except ImportError:  # pragma: no cover - every supported torch wheel ships torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
     Replicate = None  # type: ignore[assignment,misc]
-
-SUPPORTED = "strategy='ddp' (or 'ddp_spawn'), or FSDP2: ModelParallelStrategy(...) with fully_shard in configure_model"
-
 
 def is_dtensor(t: object) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 / tensor-parallel parameter).
@@ -128,89 +125,117 @@ def complete_over_shards(v: Tensor, w: Tensor, keep_dim: int | None, op: str = "
     return v
 
 
-def _deepspeed_stage(strategy: Any) -> str:
-    config = getattr(strategy, "config", None)
-    zero = config.get("zero_optimization") if isinstance(config, dict) else None
-    return str(zero.get("stage", "?")) if isinstance(zero, dict) else "?"
+# ---- sums over ranks of figures of local shards -----------------------------------------------------
+def counted_here(name: str, t: Tensor, rank: int, world: int) -> bool:
+    """Whether this rank's copy of ``t`` enters sums over all ranks: each element must be counted exactly once.
 
-
-def check_strategy(strategy: Any, who: str, *, read_only: bool = False) -> None:
-    """Raise ``ValueError`` if ``who`` (e.g. ``"Regularizer 'l1'"``) cannot act correctly under ``strategy``.
-
-    One rule for every callback: refused are the layouts in which the module's parameters are not the
-    weights the callback means to see or change.
-
-    * ``FSDPStrategy`` (FSDP1), always: parameters are flat 1-D shards that lost their shape, so neither
-      the default selection rule nor ``GroupLasso`` apply, and any figure would be a shard's.
-    * ``DeepSpeedStrategy`` at ZeRO stage 3, always: its parameters are flat partitions as well.
-    * ``DeepSpeedStrategy`` at every stage, unless ``read_only`` (a callback that only measures the
-      weights): DeepSpeed keeps gradients and fp32 master weights in its own partitioned buffers, so
-      ``p.grad`` is ``None`` at the hook and a change to the module's weights is overwritten by the next step.
+    A plain tensor is replicated (DDP), so rank 0 alone counts it; a ``DTensor`` shard counts on the
+    ranks at coordinate 0 of every mesh dimension it is replicated over.
 
     Example:
-        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
-        >>> check_strategy(SingleDeviceStrategy("cpu"), "Regularizer 'l1'")  # supported: no error
+        >>> counted_here("w", torch.zeros(2), rank=1, world=2)
+        False
     """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-    stage = _deepspeed_stage(strategy) if isinstance(strategy, DeepSpeedStrategy) else None
-    if stage is not None and not read_only:
-        raise ValueError(
-            f"{who} does not support DeepSpeedStrategy (ZeRO stage {stage}): DeepSpeed keeps gradients and fp32 "
-            "master weights in its own partitioned buffers, so p.grad is None when the penalty would be added and a "
-            f"change to the module's weights is overwritten by the next step. Use {SUPPORTED}."
-        )
-    if stage == "3":
-        raise ValueError(
-            f"{who} does not support DeepSpeedStrategy (ZeRO stage 3): its parameters are flat partitions outside "
-            f"forward, so every figure would be a partition's. Use {SUPPORTED}."
-        )
-    if isinstance(strategy, FSDPStrategy):
-        raise ValueError(
-            f"{who} does not support FSDPStrategy (FSDP1): it turns parameters into flat 1-D shards without their "
-            "shapes, so the default selection (ndim >= 2) and GroupLasso cannot see them, and sums over a shard "
-            f"are silently wrong. Use {SUPPORTED}."
-        )
+    if not is_dtensor(t):
+        return rank == 0
+    mesh = t.device_mesh
+    if mesh.size() != world:
+        raise ValueError(f"{name}: its DTensor lives on {mesh.size()} of {world} ranks; the sums run over all ranks")
+    if any(p.is_partial() for p in t.placements):
+        raise ValueError(f"{name}: a DTensor with a Partial placement {t.placements} holds no weight values yet")
+    coordinate = mesh.get_coordinate()
+    return all(c == 0 for c, p in zip(coordinate, t.placements, strict=True) if p.is_replicate())
 
 
-def check_model(model: torch.nn.Module, who: str) -> None:
-    """Raise ``ValueError`` for FSDP1-wrapped modules and flat or DeepSpeed ZeRO parameters in ``model``.
+class ShardReduction:
+    """How figures of this rank's local shards of ``tensors`` add up to figures of the whole tensors.
 
-    Catches the layouts of :func:`check_strategy` also when a model was wrapped by hand (Fabric, raw FSDP).
+    Pure code computes a figure per tensor on its local shard; then sums and counts are weighted by
+    :attr:`counted` (each element counted once) and summed over all ranks with ``reduction(x)``, maxima
+    taken with ``reduction(x, "max")``; per-slice values along a dimension are put at their indices in
+    the whole tensor with :meth:`place` first. Build it with :func:`shard_reduction`.
+
+    Args:
+        tensors: the tensors, some of them ``DTensor``s.
+        names: their names, for messages.
+    """
+
+    def __init__(self, tensors: Sequence[Any], names: Sequence[str]) -> None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self.tensors = list(tensors)
+        self.names = list(names)
+        #: Whether each tensor's local shard enters the sums on this rank.
+        self.counted = [counted_here(n, t, rank, world) for n, t in zip(self.names, self.tensors, strict=True)]
+
+    def weights(self, device: torch.device | str) -> Tensor:
+        """:attr:`counted` as a float64 vector of 0s and 1s on ``device``."""
+        return torch.tensor(self.counted, dtype=torch.float64).to(device)
+
+    def place(self, i: int, dim: int, values: Tensor) -> Tensor:
+        """Per-slice ``values`` of tensor ``i``'s local shard along ``dim``, at their global indices in a
+        zero float64 vector of the whole tensor's length along ``dim``.
+
+        Summed over ranks, an entry is 0 iff the slice's values are 0 on every rank (for non-negative values,
+        a replica adding the same values again leaves "is it zero" unchanged).
+        """
+        t, name = self.tensors[i], self.names[i]
+        offset = (0,) * t.ndim
+        if is_dtensor(t):
+            from torch.distributed.tensor import Shard
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            if not all(type(p) is Shard or p.is_replicate() for p in t.placements):
+                raise ValueError(
+                    f"{name}: dead rows/columns need Shard or Replicate placements, got {t.placements}; "
+                    "drop 'structured' from WeightMonitor(extras=...)"
+                )
+            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        full = torch.zeros(t.shape[dim], dtype=torch.float64, device=values.device)
+        full[offset[dim] : offset[dim] + values.numel()] = values.double()
+        return full
+
+    def __call__(self, x: Tensor, op: str = "sum") -> Tensor:
+        """All-reduce ``x`` over all ranks (``"sum"`` or ``"max"``), in place; a collective."""
+        import torch.distributed as dist
+
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return x
+
+
+def shard_reduction(tensors: Sequence[Any], names: Sequence[str] | None = None) -> ShardReduction | None:
+    """The :class:`ShardReduction` of ``tensors``, or ``None`` when no reduction is needed: no tensor is a
+    ``DTensor`` (one process, or DDP replicas), so the figures of the local tensors are the whole ones.
+
+    Raises ``ValueError`` for a ``DTensor`` that does not span all ranks or has a ``Partial`` placement.
 
     Example:
-        >>> check_model(torch.nn.Linear(2, 2), "Regularizer 'l1'")  # a plain module: no error
+        >>> shard_reduction([torch.zeros(2)]) is None
+        True
     """
-    for name, module in model.named_modules():
-        if type(module).__name__ == "FullyShardedDataParallel":
-            raise ValueError(
-                f"{who}: module {name or '<root>'!r} is wrapped by FSDP1 (FullyShardedDataParallel). Use {SUPPORTED}."
-            )
-    for name, param in model.named_parameters():
-        if type(param).__name__ == "FlatParameter" or getattr(param, "_is_flat_param", False):
-            raise ValueError(
-                f"{who}: parameter {name!r} is an FSDP1 FlatParameter (a flat 1-D shard). Use {SUPPORTED}."
-            )
-        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
-            raise ValueError(f"{who}: parameter {name!r} is a DeepSpeed ZeRO parameter. Use {SUPPORTED}.")
+    if not any(is_dtensor(t) for t in tensors) or not torch.distributed.is_initialized():
+        return None
+    return ShardReduction(tensors, list(names) if names is not None else [str(i) for i in range(len(tensors))])
 
 
-def check_fit(strategy: Any, model: torch.nn.Module, who: str, *, read_only: bool = False) -> None:
-    """The fit-start refusal every callback makes: :func:`check_strategy`, then :func:`check_model`.
-
-    ``read_only``: ``who`` only measures the weights (``WeightMonitor``); one that adds to gradients or
-    changes weights (``Regularizer``) passes ``False``.
+def local_shards(tensors: Sequence[Any]) -> list[Any]:
+    """:func:`local_tensor` of each tensor, detached; other objects (a pruned ``Masked`` weight) pass through.
 
     Example:
-        >>> from lightning.pytorch.strategies import DDPStrategy
-        >>> check_fit(DDPStrategy(), torch.nn.Linear(2, 2), "WeightMonitor", read_only=True)  # no error
+        >>> local_shards([torch.ones(1, requires_grad=True)])[0].requires_grad
+        False
     """
-    check_strategy(strategy, who, read_only=read_only)
-    check_model(model, who)
+    return [local_tensor(t).detach() if isinstance(t, Tensor) else t for t in tensors]
 
 
-def sum_values(values: Sequence[Tensor]) -> Tensor:
-    """Sum scalar penalty values, some possibly ``DTensor``s, into one plain tensor (one collective at most).
+def sum_values(values: Sequence[Tensor], reduction: ShardReduction | None = None) -> Tensor:
+    """Sum one scalar value per tensor into one plain tensor.
+
+    A ``DTensor`` value (of a penalty that got the ``DTensor`` whole) is resolved by ``DTensor``: one
+    collective at most. Plain values with a ``reduction`` are the values of the tensors' local shards,
+    weighted by :attr:`ShardReduction.counted` and summed over the ranks (one collective); without one
+    they are whole already.
 
     Example:
         >>> sum_values([torch.tensor(1.0), torch.tensor(2.5)])
@@ -218,4 +243,7 @@ def sum_values(values: Sequence[Tensor]) -> Tensor:
     """
     if not values:
         return torch.zeros(())
-    return global_value(torch.stack([replicate(v) for v in values]).sum())
+    if reduction is None or any(is_dtensor(v) for v in values):
+        return global_value(torch.stack([replicate(v) for v in values]).sum())
+    stacked = torch.stack(values)
+    return reduction(stacked * reduction.weights(stacked.device).to(stacked.dtype)).sum()

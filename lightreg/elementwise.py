@@ -19,7 +19,8 @@ from lightreg.penalty import Penalty, Step, accumulation_dtype
 def use_foreach(tensors: Sequence[Tensor]) -> bool:
     """Fused ``torch._foreach_*`` kernels pay off on accelerators; on CPU a plain loop is as fast.
 
-    DTensors (FSDP2) keep the per-tensor path, whose elementwise ops act on the local shard.
+    Plain tensors only: the ``Regularizer`` hands these separable penalties local shards, never ``DTensor``s,
+    but a direct call with ``DTensor``s takes the per-tensor path, whose elementwise ops act on each shard.
     """
     return bool(tensors) and all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors) and (
         tensors[0].device.type != "cpu"
@@ -103,7 +104,7 @@ class L1(Penalty):
     """
 
     name = "l1"
-    elementwise = True
+    separable = True
     makes_zeros = True
 
     def value(self, w: Tensor, alpha: float) -> Tensor:
@@ -158,7 +159,7 @@ class L2(Penalty):
     """
 
     name = "l2"
-    elementwise = True
+    separable = True
 
     @property
     def l2_part(self) -> bool:
@@ -223,7 +224,7 @@ class ElasticNet(Penalty):
     """
 
     name = "elastic_net"
-    elementwise = True
+    separable = True
 
     def __init__(self, alpha: float, l1_ratio: float = 0.5) -> None:
         super().__init__(alpha)

@@ -33,12 +33,12 @@ class L0(Penalty):
     """
 
     name = "l0"
-    elementwise = True
+    separable = True
     makes_zeros = True
     proximal_only = True
 
     def value(self, w: Tensor, alpha: float) -> Tensor:
-        # (w != 0).sum works on FSDP2 shards (DTensor) where count_nonzero has no sharding rule.
+        # (w != 0).sum also works on a DTensor (a direct call), where count_nonzero has no sharding rule.
         return (w != 0).sum(dtype=accumulation_dtype(w)) * alpha
 
     def gradient(self, w: Tensor, alpha: float) -> Tensor:

@@ -12,10 +12,13 @@ from torch import Tensor
 
 from lightreg._checks import check_int, check_patterns, check_real, check_tensor_kind
 from lightreg.binding import is_uninitialized
-from lightreg.distributed import check_fit, is_dtensor
+from lightreg.distributed import is_dtensor, local_shards, shard_reduction
+from lightreg.histogram import histograms
+from lightreg.strategies import check_fit
 from lightreg.loggers import log_scalars, wandb_loggers
 from lightreg.selection import Owned, effective_tensor, select_rows
-from lightreg.statistics import EXTRAS, Masked, figure_names, figures, global_sparsity, reduce_partial_sums
+from lightreg.step_hooks import StepHooks
+from lightreg.statistics import EXTRAS, Masked, figure_names, figures, global_sparsity, partial_sums
 
 
 def check_extras(extras: object) -> tuple[str, ...]:
@@ -89,10 +92,9 @@ class WeightMonitor(Callback):
         self._rows: list[Owned] = []
         self._lazy: list[Tensor] = []
         self._module: pl.LightningModule | None = None
-        self._hooked: dict[int, torch.optim.Optimizer] = {}
         self._sharded = False
         self._stepped = False
-        self._handles: list[Any] = []
+        self._hooks = StepHooks(post=[self._post_step_hook])
         self._wandb: Any = None
 
     def __repr__(self) -> str:
@@ -122,9 +124,10 @@ class WeightMonitor(Callback):
     def compute(self, extras: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
         """``(figures, partial sums)`` of the monitored tensors; every rank must call it when sharded."""
         extras = self.extras if extras is None else extras
-        partials = reduce_partial_sums(
-            self.params, self.names, eps=self.eps, near_zero="near_zero" in extras,
-            linf="linf" in extras, structured="structured" in extras,
+        params = self.params
+        partials = partial_sums(
+            local_shards(params), eps=self.eps, near_zero="near_zero" in extras, linf="linf" in extras,
+            structured="structured" in extras, reduce=shard_reduction(params, self.names),
         )
         return figures(partials, extras=extras), partials
 
@@ -153,11 +156,11 @@ class WeightMonitor(Callback):
             from lightreg import wandb_extras  # only now: the core never imports wandb
 
             self._wandb = wandb_extras
-        self._hooked = {}
-        self._hook_optimizers(trainer)
+        self._hooks.remove()
+        self._hooks.hook_all(trainer.optimizers)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._hook_optimizers(trainer)  # setup_optimizers() mid-fit makes new ones: one set lookup each
+        self._hooks.hook_all(trainer.optimizers)  # setup_optimizers() mid-fit makes new ones
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         stepped, self._stepped = self._stepped, False
@@ -172,7 +175,8 @@ class WeightMonitor(Callback):
         hist = self.histogram_every_n_steps
         if hist and self._wandb is not None and measure and trainer.global_step % hist == 0:
             tensors = [t.materialize() if isinstance(t, Masked) else t for t in self.params]
-            self._wandb.log_histograms(trainer, self.names, tensors)
+            hists = histograms(local_shards(tensors), reduce=shard_reduction(tensors, self.names))
+            self._wandb.log_histograms(trainer, self.names, hists)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self.print_table or self._wandb is not None):
@@ -190,16 +194,7 @@ class WeightMonitor(Callback):
             self._wandb.log_fit_end(trainer, rows)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._hooked = {}
-
-    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
-        for optimizer in trainer.optimizers:
-            if self._hooked.get(id(optimizer)) is not optimizer:
-                self._hooked[id(optimizer)] = optimizer
-                self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+        self._hooks.remove()
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Fires once per real step (not per micro-batch), after any proximal Regularizer hook that

@@ -70,8 +70,12 @@ class Penalty:
     """
 
     name = "penalty"
-    #: ``R`` is a sum of per-element terms, so every operation may act on each shard of a sharded tensor alone.
-    elementwise = False
+    #: ``R`` is separable, a sum of one term per entry (``R(w) = Σ_i r(w_i)``): every operation on a part of
+    #: ``w`` is the operation on ``w`` restricted to that part, and the values of the parts add up. The
+    #: ``Regularizer`` then hands the penalty each rank's own shard of a sharded (FSDP2) parameter as a plain
+    #: tensor and adds values and zero counts up across the ranks itself (``lightreg.distributed``). A
+    #: penalty that is not separable gets the sharded parameter whole, a ``DTensor``, whose sums are global.
+    separable = False
     #: The proximal step of ``R`` sets whole entries to exactly zero (``L1``-like penalties): target sparsity applies.
     makes_zeros = False
     #: ``R`` has no usable gradient (``L0``): only mode ``"proximal"`` can apply it.
@@ -126,8 +130,9 @@ class Penalty:
         """For each unit the prox can zero (an entry; a group for ``GroupLasso``): the least alpha that zeroes it.
 
         ``prox_{step R}(w)`` at strength ``alpha`` zeroes exactly the units whose level is ``<= alpha``; target
-        sparsity sets alpha to a k-th smallest level. A new flat tensor of values ``>= +0.0``; for a sharded
-        ``w``, this rank's share, such that the shares of all ranks hold every unit once.
+        sparsity sets alpha to a k-th smallest level. A new flat tensor of values ``>= +0.0``; for a
+        ``DTensor`` ``w`` (a penalty that is not ``separable``), this rank's share, such that the shares of
+        the ranks that hold different shards of ``w`` hold every unit once.
         """
         raise NotImplementedError(f"{type(self).__name__} makes no exact zeros, so it has no zero levels")
 

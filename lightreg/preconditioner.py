@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightreg.binding import unwrap
 from lightreg.distributed import local_tensor
 from lightreg.penalty import Step
 
@@ -161,10 +162,6 @@ RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], StepRule]] =
 }
 
 
-def _real(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
-
-
 def is_preconditioned(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s class has a known per-coordinate step (exact class: a subclass may change it).
 
@@ -173,18 +170,18 @@ def is_preconditioned(optimizer: torch.optim.Optimizer) -> bool:
         >>> is_preconditioned(torch.optim.AdamW([p])), is_preconditioned(torch.optim.SGD([p], lr=0.1))
         (True, False)
     """
-    return type(_real(optimizer)) in RULES
+    return type(unwrap(optimizer)) in RULES
 
 
-def step_formula(optimizer: torch.optim.Optimizer) -> str:
-    """The prox step ``optimizer`` gets, in words, for the fit-start report.
+def step_formula(optimizer: torch.optim.Optimizer, preconditioned: bool = True) -> str:
+    """The prox step ``optimizer`` gets, in words, for the fit-start report (``lr`` unless ``preconditioned``).
 
     Example:
         >>> step_formula(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
         'SGD: lr'
     """
-    name = type(_real(optimizer)).__name__
-    return f"{name}: {FORMULAS[name] if is_preconditioned(optimizer) else 'lr'}"
+    name = type(unwrap(optimizer)).__name__
+    return f"{name}: {FORMULAS[name] if preconditioned and is_preconditioned(optimizer) else 'lr'}"
 
 
 def step_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
@@ -200,7 +197,7 @@ def step_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRu
         >>> step_rule(opt, opt.param_groups[0])(p)  # first step: v_hat = g², t = lr / (|g| + eps)
         tensor([0.2000, 0.0250])
     """
-    optimizer = _real(optimizer)
+    optimizer = unwrap(optimizer)
     make = RULES.get(type(optimizer))
     lr = float(group["lr"])
     if make is None:
@@ -219,11 +216,19 @@ def unknown_adaptive_state(optimizer: torch.optim.Optimizer) -> list[str]:
         >>> opt = torch.optim.Adamax([p]); opt.step(); unknown_adaptive_state(opt)
         ['exp_inf']
     """
-    optimizer = _real(optimizer)
+    optimizer = unwrap(optimizer)
     if is_preconditioned(optimizer):
         return []
     keys = {k for state in optimizer.state.values() for k in state}
     return [k for k in ADAPTIVE_STATE if k in keys]
+
+
+def warn_unknown_adaptive(optimizer: torch.optim.Optimizer, who: str, warn: Callable[[str], Any]) -> None:
+    """Warn (through ``warn``) when ``optimizer`` keeps per-coordinate state whose step lightreg does not know."""
+    keys = unknown_adaptive_state(optimizer)
+    if keys:
+        warn(f"{who}: {type(unwrap(optimizer)).__name__} keeps per-coordinate state {keys} but its step is not known "
+             "to lightreg; the prox uses the plain lr (override Regularizer.prox_steps).")
 
 
 class LazySteps(Sequence):

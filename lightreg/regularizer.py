@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,15 +11,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns
-from lightreg.binding import Binding, is_uninitialized
-from lightreg.distributed import check_fit, is_dtensor, local_tensor, sum_values
+from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns, check_regularizer
+from lightreg.binding import Binding, is_uninitialized, unwrap
+from lightreg.distributed import is_dtensor, local_tensor, shard_reduction, sum_values
+from lightreg.strategies import check_fit
 from lightreg.loggers import is_log_step, log_scalars
 from lightreg.penalty import Penalty, Step
-from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, unknown_adaptive_state
+from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, warn_unknown_adaptive
 from lightreg.schedules import scheduled_factor
+from lightreg.step_hooks import StepHooks
 from lightreg.selection import describe_selection, select_parameters, sparse_gradient_parameters
-from lightreg.target import Point, TargetSparsity, levels_reduce, selection_dtype, zero_fraction
+from lightreg.target import TargetSparsity, Work
+from lightreg.target_window import Point
 
 MODES = ("gradient", "decoupled", "proximal")
 
@@ -29,19 +31,10 @@ def _lr(group: dict[str, Any]) -> float:
     return float(group["lr"])  # a tensor lr costs one sync per param group, never one per parameter
 
 
-def _each(steps: float | Sequence[Step]) -> Iterable[Step]:
-    """One step per tensor: ``steps`` itself, or the one float repeated."""
-    return itertools.repeat(steps) if isinstance(steps, (int, float)) else steps
-
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
-
-
 class Regularizer(Callback):
     """Apply ``penalty`` to the selected parameters at every real optimizer step.
 
-    Modes (design.md): ``gradient`` adds ``∇R`` to ``.grad`` (after AMP unscaling and accumulation, before
+    Modes: ``gradient`` adds ``∇R`` to ``.grad`` (after AMP unscaling and accumulation, before
     clipping: the same as ``R`` in the loss); ``decoupled`` takes ``w -= lr * ∇R(w)`` just before the
     step (``L2`` with Adam is AdamW); ``proximal`` (default) applies ``prox_{t R}`` right after the step
     (exact zeros; ISTA with SGD), ``t`` the step the optimizer took: per coordinate ``lr / (sqrt(v̂) + eps)``
@@ -104,48 +97,24 @@ class Regularizer(Callback):
         target_debias: Point | None = None,
         target_every: int = 1,
     ) -> None:
-        if not isinstance(penalty, Penalty):
-            raise TypeError(f"penalty must be a lightreg Penalty (L1, L2, ElasticNet, GroupLasso), got {penalty!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if schedule is not None and not callable(schedule):
-            raise TypeError(f"schedule must be a callable step -> factor, got {schedule!r}")
-        if name is not None and (not isinstance(name, str) or not name or "/" in name):
-            raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
-        if not isinstance(preconditioned, bool):
-            raise TypeError(f"preconditioned must be True or False, got {preconditioned!r}")
-        if penalty.proximal_only and mode != "proximal":
-            raise ValueError(f"{penalty!r} has no gradient: it works only with mode='proximal', got mode={mode!r}")
+        check_regularizer(penalty, mode, MODES, schedule, name, preconditioned)
         self._target = None if target_sparsity is None else TargetSparsity(target_sparsity, target_ramp, target_debias, target_every)
         if self._target is not None:
-            if mode != "proximal" or not penalty.makes_zeros:
-                raise ValueError(f"target_sparsity={target_sparsity!r} needs mode='proximal' and a penalty whose prox makes "
-                                 f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso), got {penalty!r} in mode={mode!r}")
-            if schedule is not None:
-                raise ValueError(f"target_sparsity sets alpha at every step; it takes no schedule, got {schedule!r}")
-        self.penalty, self.mode, self.schedule = penalty, mode, schedule
-        self.preconditioned = preconditioned
-        self.include = check_patterns("include", include)
-        self.exclude = check_patterns("exclude", exclude)
-        self.name = name or penalty.name
-        self.steps_applied = 0
-        self.alpha = penalty.alpha
-        self._binding = Binding(list)
-        self._optimizers: dict[int, torch.optim.Optimizer] = {}
-        self._handles: list[Any] = []
+            self._target.check(penalty, mode, schedule)
+        self.penalty, self.mode, self.schedule, self.preconditioned = penalty, mode, schedule, preconditioned
+        self.include, self.exclude = check_patterns("include", include), check_patterns("exclude", exclude)
+        self.name, self.alpha, self.steps_applied = name or penalty.name, penalty.alpha, 0
+        self._binding, self._hooks = Binding(list), StepHooks()
         self._trainer: pl.Trainer | None = None
         self._stepped = self._decay_in_pre_hook = self._keyed = False
         self._checked_optimizers: set[int] = set()
         self._last_step = 0
 
     def __repr__(self) -> str:
-        extra = "" if self.preconditioned else ", preconditioned=False"
-        if self._target is not None:
-            extra += f", target_sparsity={self._target.target!r}"
-        return (
-            f"Regularizer({self.penalty!r}, mode={self.mode!r}, include={self.include!r}, "
-            f"exclude={self.exclude!r}, schedule={self.schedule!r}, name={self.name!r}{extra})"
-        )
+        extra = ("" if self.preconditioned else ", preconditioned=False") + (
+            "" if self._target is None else f", target_sparsity={self._target.target!r}")
+        return (f"Regularizer({self.penalty!r}, mode={self.mode!r}, include={self.include!r}, "
+                f"exclude={self.exclude!r}, schedule={self.schedule!r}, name={self.name!r}{extra})")
 
     @property
     def state_key(self) -> str:
@@ -167,7 +136,7 @@ class Regularizer(Callback):
 
     def penalised(self) -> list[tuple[str, Tensor]]:
         """The selected ``(name, parameter)`` pairs that the hooked optimizers hold now."""
-        return self._binding.held(self._optimizers.values())
+        return self._binding.held(self._hooks.optimizers)
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -176,35 +145,28 @@ class Regularizer(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_fit(trainer.strategy, pl_module, f"Regularizer {self.name!r}")
-        self.alpha = self.current_alpha(trainer.global_step)
-        selected = self.select(pl_module)
-        sparse = sparse_gradient_parameters(pl_module) if self.mode == "gradient" else set()
-        warn = rank_zero_warn if self.penalty.l2_part else None
-        checks = ParameterChecks(f"Regularizer {self.name!r}", self.penalty.check_tensor, sparse, warn)
-        for name, param in selected:
-            checks.parameter(name, param)
-        self._trainer, self._optimizers = trainer, {}
-        self._binding = Binding(lambda: self.select(pl_module), checks.groups)
+        self.alpha, self._trainer = self.current_alpha(trainer.global_step), trainer
+        selected = self._bind(pl_module)
         # A grad scaler calls optimizer.step after backward and only when the step is not skipped: there the
         # pre-step hook is the decoupled step's place; otherwise the closure's backward runs inside the step.
         self._decay_in_pre_hook = getattr(trainer.precision_plugin, "scaler", None) is not None
         if self._target is not None:
             self._target.setup(trainer.estimated_stepping_batches)
-        self._hook_optimizers(trainer)  # resolves each optimizer now, so its refusals come before any step
+        self._hooks.hook_all(trainer.optimizers)
         self._report_selection(pl_module, selected)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.alpha = self.current_alpha(trainer.global_step)  # a resumed fit's step is known only now
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._hook_optimizers(trainer)  # setup_optimizers() mid-fit makes new ones: one dict lookup each
+        self._hooks.hook_all(trainer.optimizers)  # setup_optimizers() mid-fit makes new ones
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if not pl_module.automatic_optimization:
             return  # backward ran before opt.step(): the pre-step hook acts, with or without the wrapper
-        self._hook(optimizer)
+        self._hooks.hook(optimizer)
         if self.mode == "gradient":
             self.apply_gradient(optimizer, self.current_alpha(trainer.global_step))
         elif self.mode == "decoupled" and not self._decay_in_pre_hook:
@@ -220,9 +182,7 @@ class Regularizer(Callback):
             log_scalars(trainer, self.metrics())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove(forget=False)  # penalised() still answers after the fit
         self._trainer = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,31 +203,28 @@ class Regularizer(Callback):
     @torch.no_grad()  # else g += alpha * w records w into p.grad's autograd history (and FSDP2 refuses it)
     def apply_gradient(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``g += ∇R(w)`` for the selected parameters of ``optimizer`` that have a gradient."""
-        for _, _, params in self._stepped_params(optimizer):
+        for _, _, params in self._binding.stepped(optimizer):
             grads = [p.grad for p in params]
             self.penalty.apply_gradient_(self._operands(grads), self._operands(params), alpha)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def apply_decoupled(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w -= lr * ∇R(w)`` with each param group's ``lr``, for the parameters about to be stepped."""
-        for group, _, params in self._stepped_params(optimizer):
+        for group, _, params in self._binding.stepped(optimizer):
             self.penalty.apply_decay_(self._operands(params), _lr(group), alpha)
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``w <- prox_{t R}(w)`` with ``t`` the step the optimizer took (``prox_steps``), for the stepped parameters;
         with a target, the level that zeroes the ramped fraction (or, frozen, the mask) instead of ``alpha``."""
-        stepped = self._stepped_params(optimizer)
-        work = [(self._operands(ps), self.prox_steps(_unwrap(optimizer), g, ps)) for g, _, ps in stepped]
+        stepped = self._binding.stepped(optimizer)
+        work: list[Work] = [(names, self._operands(ps), self.prox_steps(unwrap(optimizer), g, ps)) for g, names, ps in stepped]
         if self._target is not None:
-            if self._target.frozen(self._last_step):
-                self.alpha = 0.0
-                return self._target.apply_masks_(self._named_operands(stepped))
-            params = [p for _, _, ps in stepped for p in ps]
-            levels = lambda: (self.penalty.zero_levels(w, s) for ops, steps in work for w, s in zip(ops, _each(steps)))  # noqa: E731
-            alpha = self.alpha = self._target.level(self._last_step, levels, selection_dtype(params), levels_reduce(params))
-        for operands, steps in work:
-            self.penalty.apply_prox_(operands, steps, alpha)
+            reduction = shard_reduction([p for _, _, ps in stepped for p in ps])
+            alpha = self.alpha = self._target.alpha_after_step(self._last_step, self.penalty, work, reduction)
+        if alpha != 0.0:  # the prox at alpha 0 is the identity
+            for _, operands, steps in work:
+                self.penalty.apply_prox_(operands, steps, alpha)
 
     def prox_steps(
         self, optimizer: torch.optim.Optimizer, group: dict[str, Any], params: Sequence[Tensor]
@@ -277,54 +234,40 @@ class Regularizer(Callback):
         param group's ``lr`` (one float for all of them)."""
         if self.preconditioned and is_preconditioned(optimizer):
             return LazySteps(step_rule(optimizer, group), params)
-        self._warn_unknown_adaptive(optimizer)
+        if self.preconditioned and optimizer.state and id(optimizer) not in self._checked_optimizers:
+            self._checked_optimizers.add(id(optimizer))  # once per optimizer, after its first step
+            warn_unknown_adaptive(optimizer, f"Regularizer {self.name!r}", rank_zero_warn)
         return _lr(group)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Tensor | float]:
         """``reg/<name>/penalty`` (``R(w)`` of the penalised weights at the last alpha) and ``reg/<name>/alpha``."""
         params = [p for _, p in self.penalised() if not is_uninitialized(p)]
-        penalty = sum_values([self.penalty.value(p, self.alpha) for p in params])  # global under FSDP2
+        operands, reduction = self._operands(params), shard_reduction(params)  # global sums under FSDP2
+        penalty = sum_values([self.penalty.value(w, self.alpha) for w in operands], reduction)
         metrics: dict[str, Tensor | float] = {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
         if self._target is not None:
-            metrics[f"reg/{self.name}/sparsity"] = zero_fraction(self.penalty, self._operands(params), levels_reduce(params))
-            metrics[f"reg/{self.name}/target"] = self._target.fraction(self._last_step)
+            metrics.update(self._target.metrics(self.name, self.penalty, operands, reduction, self._last_step))
         return metrics
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _stepped_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], list[str], list[Tensor]]]:
-        """``(live param group, names, its selected parameters that have a gradient)``, for the groups with any."""
-        optimizer = _unwrap(optimizer)  # torch skips a parameter without a gradient, and so do we: no host sync
-        out = []
-        for g in self._binding.groups(optimizer):
-            kept = [(n, p) for n, p in zip(g.names, g.params, strict=True) if p.grad is not None]
-            if kept:
-                out.append((optimizer.param_groups[g.index], [n for n, _ in kept], [p for _, p in kept]))
-        return out
-
-    def _named_operands(self, stepped: Sequence[tuple[Any, list[str], list[Tensor]]]) -> list[tuple[str, Tensor]]:
-        return [(n, w) for _, names, ps in stepped for n, w in zip(names, self._operands(ps), strict=True)]
+    def _bind(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
+        """Check the selection, bind it to the optimizers as they step, and make the step hooks; return it."""
+        selected = self.select(pl_module)
+        sparse = sparse_gradient_parameters(pl_module) if self.mode == "gradient" else set()
+        warn = rank_zero_warn if self.penalty.l2_part else None
+        checks = ParameterChecks(f"Regularizer {self.name!r}", self.penalty.check_tensor, sparse, warn)
+        for name, param in selected:
+            checks.parameter(name, param)
+        self._binding = Binding(lambda: self.select(pl_module), checks.groups)
+        # The binding resolves a new optimizer before it is hooked, so its refusals come before any step.
+        pre = ([self._pre_step_hook] if self.mode != "proximal" else []) + ([self._freeze_hook] if self._target else [])
+        self._hooks = StepHooks(post=[self._post_step_hook], pre=pre, on_new=self._binding.groups)
+        return selected
 
     def _operands(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        # An elementwise penalty acts on each FSDP2 shard alone: no DTensor dispatch, and the foreach path applies.
-        return [local_tensor(t) for t in tensors] if self.penalty.elementwise else list(tensors)
-
-    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
-        for optimizer in trainer.optimizers:
-            self._hook(optimizer)
-
-    def _hook(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer = _unwrap(optimizer)
-        if self._optimizers.get(id(optimizer)) is optimizer:
-            return
-        self._binding.groups(optimizer)  # refusals (LBFGS, maximize, dtype) before this optimizer's first step
-        self._optimizers[id(optimizer)] = optimizer
-        if self.mode != "proximal":
-            self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
-        if self._target is not None:
-            self._handles.append(optimizer.register_step_pre_hook(self._freeze_hook))
-        # Every mode counts the steps that really ran here; proximal also acts here.
-        self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+        # A separable penalty acts on each FSDP2 shard alone: no DTensor dispatch, and the foreach path applies.
+        return [local_tensor(t) for t in tensors] if self.penalty.separable else list(tensors)
 
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         trainer = self._trainer
@@ -337,14 +280,13 @@ class Regularizer(Callback):
 
     @torch.no_grad()
     def _freeze_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # The zero pattern is recorded before the first frozen step moves the zeros (and again after a resume
-        # whose checkpoint could not hold the masks of sharded parameters: the weights still hold the zeros).
         assert self._trainer is not None and self._target is not None
-        if self._target.frozen(self._trainer.global_step):
-            groups = self._binding.groups(_unwrap(optimizer))
-            self._target.freeze_missing([(n, w) for g in groups for n, w in zip(g.names, self._operands(g.params), strict=True)])
+        groups = lambda: self._binding.groups(unwrap(optimizer))  # noqa: E731
+        self._target.before_step(self._trainer.global_step, lambda: [
+            (n, w) for g in groups() for n, w in zip(g.names, self._operands(g.params), strict=True)])
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Every mode counts here the steps that really ran; proximal also acts here.
         assert self._trainer is not None, "optimizer hook fired outside a fit"
         self._last_step = self._trainer.global_step
         self.alpha = self.current_alpha(self._trainer.global_step)
@@ -353,23 +295,10 @@ class Regularizer(Callback):
         self.steps_applied += bool(self._binding.groups(optimizer))
         self._stepped = True
 
-    def _warn_unknown_adaptive(self, optimizer: torch.optim.Optimizer) -> None:
-        if id(optimizer) in self._checked_optimizers or not optimizer.state:
-            return
-        self._checked_optimizers.add(id(optimizer))
-        keys = unknown_adaptive_state(optimizer)
-        if keys and self.preconditioned:
-            rank_zero_warn(f"Regularizer {self.name!r}: {type(optimizer).__name__} keeps per-coordinate state {keys} but its "
-                           "step is not known to lightreg; the prox uses the plain lr (override Regularizer.prox_steps).")
-
     def _report_selection(self, pl_module: pl.LightningModule, selected: Sequence[tuple[str, Tensor]]) -> None:
         held = {id(p) for _, p in self.penalised()}
-        lines = []
-        if self.mode == "proximal":
-            steps = [step_formula(o) if self.preconditioned else f"{type(o).__name__}: lr" for o in self._optimizers.values()]
-            lines += [f"\n  prox step  {s}" for s in steps]
-        if self._target is not None:
-            lines.append(f"\n  target sparsity {self._target.target:g}, {self._target.window}")
+        lines = [f"\n  prox step  {step_formula(o, self.preconditioned)}" for o in self._hooks.optimizers
+                 if self.mode == "proximal"] + ([f"\n  {self._target}"] if self._target is not None else [])
         rank_zero_info(f"Regularizer {self.name!r}: {self.penalty!r}, mode={self.mode}, "
                        + describe_selection(pl_module, selected, held) + "".join(lines))
         if selected and not held:

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightreg.distributed import local_shards, shard_reduction
 from lightreg.selection import effective_tensor, select_rows
-from lightreg.statistics import DEAD_COLS, DEAD_ROWS, ZEROS, Masked, figures, reduce_partial_sums
+from lightreg.statistics import DEAD_COLS, DEAD_ROWS, ZEROS, Masked, figures, partial_sums
 
 #: The columns of the printed and the W&B table, in display order; every report row has these keys.
 REPORT_COLUMNS = ("name", "shape", "numel", "l1", "l2", "sparsity", "dead_rows", "dead_cols")
@@ -25,7 +26,7 @@ def report_rows(names: Sequence[str], params: Sequence[Tensor | Masked]) -> list
     ``dead_row_count`` / ``dead_col_count`` their counts, ``None`` for tensors with ``ndim < 2``; an empty
     tensor's ``sparsity`` is NaN (0 of 0). ``DTensor`` shards are reduced first, so every rank must call it.
     """
-    partials = reduce_partial_sums(params, names, structured=True)
+    partials = partial_sums(local_shards(params), structured=True, reduce=shard_reduction(params, names))
     table = torch.cat([figures(partials, extras=["structured"]), partials[:, [ZEROS, DEAD_ROWS, DEAD_COLS]]], dim=1)
     rows = []
     for name, param, values in zip(names, params, table.tolist(), strict=True):

@@ -2,10 +2,11 @@
 
 A logging step works in two stages so that sharded tensors come out exact:
 
-1. ``partial_sums`` (or ``reduce_partial_sums`` for ``DTensor`` shards) stacks, for every tensor, the
-   additive pieces ``[Σ|w|, Σw², #zeros, numel, #|w|<=eps, max|w|, #dead rows, #dead cols, rows, cols]``
-   into ONE float64 tensor on the tensors' device. Across shards sums and counts add, ``max|w|`` takes
-   a max, and a row/column is dead when its ``max|w|`` is 0 on every rank; nothing is formed from a
+1. ``partial_sums`` stacks, for every tensor, the additive pieces
+   ``[Σ|w|, Σw², #zeros, numel, #|w|<=eps, max|w|, #dead rows, #dead cols, rows, cols]`` into ONE float64
+   tensor on the tensors' device. For local shards of sharded tensors it takes a ``reduce``
+   (``lightreg.distributed.shard_reduction``): across shards sums and counts add, ``max|w|`` takes a
+   max, and a row/column is dead when its ``max|w|`` is 0 on every rank; nothing is formed from a
    shard's own figure.
 2. ``figures`` turns (reduced) partial sums into ``l1 = Σ|w|``, ``l2 = √Σw²``, ``sparsity = #zeros/numel``,
    ``near_zero = #|w|<=eps / numel``, ``linf = max|w|``, ``dead_rows = #all-zero rows / rows`` and
@@ -19,11 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
-
-from lightreg.distributed import is_dtensor, local_tensor
 
 #: Column order of the partial-sum table.
 COLUMNS = ("abs_sum", "sq_sum", "zeros", "numel", "near_zero", "max_abs", "dead_rows", "dead_cols", "rows", "cols")
@@ -73,8 +73,19 @@ class Masked:
         return self.orig.detach() * self.mask
 
 
-def _plain(t: Tensor | Masked) -> Tensor | Masked:
-    return t if isinstance(t, Masked) else local_tensor(t).detach()  # a DTensor's own shard
+class Reduction(Protocol):
+    """How per-tensor figures of local shards add up over the ranks (``lightreg.distributed.ShardReduction``)."""
+
+    counted: list[bool]  #: whether each tensor's shard enters sums on this rank (each element counted once)
+
+    def weights(self, device: torch.device | str) -> Tensor:
+        """``counted`` as float64 0s and 1s."""
+
+    def place(self, i: int, dim: int, values: Tensor) -> Tensor:
+        """Tensor ``i``'s per-slice ``values`` along ``dim`` at their indices in the whole tensor."""
+
+    def __call__(self, x: Tensor, op: str = "sum") -> Tensor:
+        """``x`` summed (or maxed) over the ranks."""
 
 
 def _others(w: Tensor, dim: int) -> tuple[int, ...]:
@@ -123,7 +134,7 @@ def tensor_stats(
 def _table(
     tensors: Sequence[Tensor | Masked], eps: float, near_zero: bool, linf: bool, structured: bool
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor] | None]]:
-    plain = [_plain(t) for t in tensors]
+    plain = [t if isinstance(t, Masked) else t.detach() for t in tensors]
     # One scratch buffer per dtype and device, as large as the largest tensor, shared by all: a fresh
     # buffer per tensor costs its page faults every time (10x the arithmetic on CPU).
     sizes: dict[tuple[torch.dtype, torch.device], int] = {}
@@ -152,14 +163,18 @@ def partial_sums(
     near_zero: bool = False,
     linf: bool = False,
     structured: bool = False,
+    reduce: Reduction | None = None,
 ) -> Tensor:
     """Stack the partial sums of every tensor into one ``[len(tensors), len(COLUMNS)]`` float64 tensor.
 
     Columns (``COLUMNS``): ``Σ|w|``, ``Σw²``, ``#(w == 0)``, ``numel``, ``#(|w| <= eps)``, ``max|w|``,
     ``#(all-zero rows)``, ``#(all-zero columns)``, ``rows``, ``cols``. Optional columns stay 0 unless
-    asked for; rows/cols are 0 for tensors with ``ndim < 2``. A ``DTensor`` contributes its local
-    shard only: use ``reduce_partial_sums`` for the whole tensor. A :class:`Masked` entry is measured as
+    asked for; rows/cols are 0 for tensors with ``ndim < 2``. A :class:`Masked` entry is measured as
     ``orig * mask``.
+
+    With ``reduce``, ``tensors`` are this rank's local shards and the table is that of the whole tensors:
+    every rank must call it. One sum over the ranks carries the sums, counts and per-row/column ``max|w|``
+    of every tensor, one max carries ``max|w|`` when ``linf`` is asked.
 
     Example:
         >>> w = torch.tensor([[0.0, -3.0], [0.0, 4.0]])
@@ -169,10 +184,28 @@ def partial_sums(
     if not tensors:
         return torch.zeros(0, len(COLUMNS), dtype=torch.float64)
     table, groups = _table(tensors, eps, near_zero, linf, structured)
+    if reduce is None:
+        for i, group in enumerate(groups):
+            if group is not None:
+                _fill_groups(table, i, *group)
+        return table
+    largest = table[:, MAX].clone()  # unweighted: a replica's max is the max
+    table *= reduce.weights(table.device)[:, None]
+    pieces, placed = [table.flatten()], []
     for i, group in enumerate(groups):
-        if group is not None:
-            _fill_groups(table, i, *group)
-    return table
+        if group is not None:  # per-row and per-column max|w| at their indices in the whole tensor
+            rows, cols = reduce.place(i, 0, group[0]), reduce.place(i, 1, group[1])
+            pieces += [rows, cols]
+            placed.append((i, rows.numel(), cols.numel()))
+    flat = reduce(torch.cat(pieces))
+    reduced = flat[: table.numel()].view_as(table).clone()
+    if linf:
+        reduced[:, MAX] = reduce(largest, "max")
+    start = table.numel()
+    for i, n_rows, n_cols in placed:
+        _fill_groups(reduced, i, flat[start : start + n_rows], flat[start + n_rows : start + n_rows + n_cols])
+        start += n_rows + n_cols
+    return reduced
 
 
 def figures(partials: Tensor, *, extras: Sequence[str] = ()) -> Tensor:
@@ -218,93 +251,3 @@ def global_sparsity(partials: Tensor) -> Tensor:
         0.75
     """
     return partials[:, ZEROS].sum() / partials[:, NUMEL].sum()
-
-
-# ---- sharded tensors ---------------------------------------------------------------------------
-def counted_here(name: str, t: Tensor, rank: int, world: int) -> bool:
-    """Whether this rank's copy of ``t`` enters the sums: each element must be counted exactly once.
-
-    A plain tensor is replicated (DDP), so rank 0 alone counts it; a ``DTensor`` shard counts on the
-    ranks at coordinate 0 of every mesh dimension it is replicated over.
-    """
-    if not is_dtensor(t):
-        return rank == 0
-    mesh = t.device_mesh
-    if mesh.size() != world:
-        raise ValueError(
-            f"{name}: its DTensor lives on {mesh.size()} of {world} ranks; statistics reduce over all ranks"
-        )
-    if any(p.is_partial() for p in t.placements):
-        raise ValueError(f"{name}: a DTensor with a Partial placement {t.placements} holds no weight values yet")
-    coordinate = mesh.get_coordinate()
-    return all(c == 0 for c, p in zip(coordinate, t.placements, strict=True) if p.is_replicate())
-
-
-def _global_groups(name: str, t: Tensor, rows: Tensor, cols: Tensor) -> list[Tensor]:
-    """This rank's per-row/column ``max|w|`` placed at their global indices, in full-length float64 vectors.
-
-    Summed over ranks, an entry is 0 iff the whole row/column is 0 on every rank (a replica adds the same
-    non-negative values again, which leaves "is it zero" unchanged): a row split over ranks is dead only
-    if it is zero everywhere.
-    """
-    offset = (0,) * t.ndim
-    if is_dtensor(t):
-        from torch.distributed.tensor import Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        if not all(type(p) is Shard or p.is_replicate() for p in t.placements):
-            raise ValueError(
-                f"{name}: dead rows/columns need Shard or Replicate placements, got {t.placements}; "
-                "drop 'structured' from WeightMonitor(extras=...)"
-            )
-        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    out = []
-    for dim, local in ((0, rows), (1, cols)):
-        full = torch.zeros(t.shape[dim], dtype=torch.float64, device=local.device)
-        full[offset[dim] : offset[dim] + local.numel()] = local.double()
-        out.append(full)
-    return out
-
-
-def reduce_partial_sums(
-    tensors: Sequence[Tensor | Masked],
-    names: Sequence[str] | None = None,
-    *,
-    eps: float = 1e-8,
-    near_zero: bool = False,
-    linf: bool = False,
-    structured: bool = False,
-) -> Tensor:
-    """``partial_sums`` of the WHOLE tensors when some are ``DTensor`` shards, reduced over all ranks.
-
-    Without a ``DTensor`` (one process, DDP) it is ``partial_sums`` and no collective runs. Otherwise
-    every rank must call it: one ``all_reduce(SUM)`` carries the sums, counts and per-row/column
-    ``max|w|`` of every tensor, one ``all_reduce(MAX)`` carries ``max|w|`` when ``linf`` is asked.
-    """
-    names = list(names) if names is not None else [str(i) for i in range(len(tensors))]
-    if not any(is_dtensor(t) for t in tensors) or not torch.distributed.is_initialized():
-        return partial_sums(tensors, eps=eps, near_zero=near_zero, linf=linf, structured=structured)
-    dist = torch.distributed
-    rank, world = dist.get_rank(), dist.get_world_size()
-    counted = [counted_here(n, t, rank, world) for n, t in zip(names, tensors, strict=True)]
-    table, groups = _table(tensors, eps, near_zero, linf, structured)
-    device = table.device
-    largest = table[:, MAX].clone()  # unweighted: a replica's max is the max
-    table *= torch.tensor(counted, dtype=torch.float64).to(device)[:, None]
-    pieces = [table.flatten()]
-    for name, t, group in zip(names, tensors, groups, strict=True):
-        if group is not None:
-            pieces += _global_groups(name, t, *group)
-    flat = torch.cat(pieces)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    reduced = flat[: table.numel()].view_as(table).clone()
-    if linf:
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        reduced[:, MAX] = largest
-    start = table.numel()
-    for i, (t, group) in enumerate(zip(tensors, groups, strict=True)):
-        if group is not None:
-            rows, cols = t.shape[0], t.shape[1]
-            _fill_groups(reduced, i, flat[start : start + rows], flat[start + rows : start + rows + cols])
-            start += rows + cols
-    return reduced

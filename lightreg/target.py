@@ -6,68 +6,31 @@ for ``ElasticNet``), ``w_i² / (2 t_i)`` for ``L0``, ``||w_g / t_g|| / sqrt(|g|)
 ``t`` the prox step (``Penalty.zero_levels``). So at every step of the ramp, right after the optimizer step,
 alpha is set to the k-th smallest zero level over the whole selection, ``k = round(s_t * n)``, and the prox
 zeroes exactly the ramped target ``s_t`` (more only on ties). The target follows the cubic schedule of
-Zhu & Gupta (2017), ``s_t = s_f * (1 - (1 - p)³)``, ``p`` the progress through the ramp window. After the
-ramp (from ``freeze`` on) the zero pattern is frozen (a mask re-applied after every step) and the penalty is
-off, so the surviving weights lose the penalty's shrinkage bias (the debias phase).
+Zhu & Gupta (2017) over a window of steps (``lightreg.target_window``). After the ramp (from ``freeze`` on)
+the zero pattern is frozen (a mask re-applied after every step) and the penalty is off, so the surviving
+weights lose the penalty's shrinkage bias (the debias phase).
+
+:class:`TargetSparsity` holds that state and does this work for the ``Regularizer``, whose hooks call it in
+one line each: the level before the prox, the masks in the frozen phase, the checkpoint state, the metrics.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightreg._checks import check_int, check_real
-from lightreg.distributed import complete_over_shards, is_dtensor
 from lightreg.kth_value import Levels, Reduce, level_for_fraction
-from lightreg.penalty import Penalty
+from lightreg.penalty import Penalty, Step
+from lightreg.statistics import Reduction
+from lightreg.target_window import Point, SparsityWindow, check_point, check_ramp, resolve_window
 
-#: A point of the fit: an optimizer step (int), or a fraction of all the fit's steps (float in [0, 1]).
-Point = int | float
-
-
-def cubic_ramp(progress: float) -> float:
-    """``1 - (1 - p)³`` for ``p`` clipped to [0, 1]: fast at first, flat at the end (Zhu & Gupta).
-
-    Example:
-        >>> cubic_ramp(0.0), cubic_ramp(0.5), cubic_ramp(2.0)
-        (0.0, 0.875, 1.0)
-    """
-    p = min(max(progress, 0.0), 1.0)
-    return 1.0 - (1.0 - p) ** 3
-
-
-def _check_point(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a step (int) or a fraction of the fit (float in [0, 1]), got {value!r}")
-    if isinstance(value, int):
-        check_int(name, value, low=0)
-    else:
-        check_real(name, value, high=1.0)
-
-
-def _point(name: str, value: Point, total: float) -> int:
-    _check_point(name, value)
-    if isinstance(value, int):
-        return value
-    if not math.isfinite(total):
-        raise ValueError(f"{name}={value!r} is a fraction of the fit, but the fit has no known length "
-                         "(set max_steps or max_epochs, or give steps as ints)")
-    return round(value * total)
-
-
-def _check_ramp(ramp: object) -> None:
-    if isinstance(ramp, (str, bytes)) or not isinstance(ramp, Sequence) or len(ramp) != 2:
-        raise TypeError(f"target_ramp must be a pair (start, end), got {ramp!r}")
-    for name, value in zip(("target_ramp start", "target_ramp end"), ramp):
-        _check_point(name, value)
-    if all(isinstance(v, int) for v in ramp) or all(isinstance(v, float) for v in ramp):
-        if not ramp[0] < ramp[1]:
-            raise ValueError(f"target_ramp must start before it ends, got {tuple(ramp)!r}")
+#: One param group's prox work: the names, the tensors the penalty acts on, and their steps (one float or one each).
+Work = tuple[Sequence[str], Sequence[Tensor], "float | Sequence[Step]"]
 
 
 def selection_dtype(params: Sequence[Tensor]) -> torch.dtype:
@@ -75,83 +38,33 @@ def selection_dtype(params: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-def levels_reduce(params: Sequence[Tensor]) -> Reduce:
-    """Sums per-rank counts over the ranks that shard the parameters (FSDP2); the identity otherwise.
-
-    Every rank computes the same levels of the same weights under DDP, so nothing rank-local enters there.
-    """
-    sharded = next((p for p in params if is_dtensor(p)), None)
-    if sharded is None:
-        return lambda counts: counts
-    return lambda counts: complete_over_shards(counts, sharded, keep_dim=None)
+def _identity(counts: Tensor) -> Tensor:
+    return counts
 
 
-def zero_fraction(penalty: Penalty, tensors: Sequence[Tensor], reduce: Reduce) -> Tensor:
+def _counted(tensors: Sequence[Any], reduction: Reduction | None) -> Iterable[bool]:
+    # Each unit must enter the counts once over all ranks: a replica's shard is left out on all but one rank.
+    return reduction.counted if reduction is not None else [True] * len(tensors)
+
+
+def zero_fraction(penalty: Penalty, tensors: Sequence[Tensor], reduction: Reduction | None = None) -> Tensor:
     """The fraction of units (entries; groups for ``GroupLasso``) of ``tensors`` that are exactly zero.
+
+    With a ``reduction`` (``lightreg.distributed.shard_reduction`` of the parameters ``tensors`` act for),
+    the counts of all ranks add up; every rank must call it.
 
     Example:
         >>> from lightreg import L1
-        >>> zero_fraction(L1(1.0), [torch.tensor([0.0, 2.0]), torch.zeros(2)], lambda c: c)
+        >>> zero_fraction(L1(1.0), [torch.tensor([0.0, 2.0]), torch.zeros(2)])
         tensor(0.7500)
     """
     counts = torch.zeros(2, dtype=torch.int64, device=tensors[0].device if tensors else "cpu")
-    for w in tensors:
-        levels = penalty.zero_levels(w, 1.0)
-        counts += torch.stack([(levels == 0).sum(), torch.tensor(levels.numel(), device=counts.device)])
-    counts = reduce(counts)
+    for w, counted in zip(tensors, _counted(tensors, reduction), strict=True):
+        if counted:
+            levels = penalty.zero_levels(w, 1.0)
+            counts += torch.stack([(levels == 0).sum(), torch.tensor(levels.numel(), device=counts.device)])
+    counts = (reduction or _identity)(counts)
     return counts[0] / counts[1].clamp(min=1)
-
-
-@dataclass(frozen=True)
-class SparsityWindow:
-    """In optimizer steps: the ramp runs over ``[start, end)``, the zero pattern is frozen from ``freeze`` on."""
-
-    start: int
-    end: int
-    freeze: int | None
-
-    def fraction(self, target: float, step: int) -> float:
-        """The ramped target at ``step``: 0 before ``start``, ``target`` from ``end`` on."""
-        if step < self.start:
-            return 0.0
-        return target * cubic_ramp((step - self.start + 1) / max(self.end - self.start, 1))
-
-    def frozen(self, step: int) -> bool:
-        return self.freeze is not None and step >= self.freeze
-
-
-def resolve_window(total_steps: float, ramp: Sequence[Point] | None = None, debias: Point | None = None) -> SparsityWindow:
-    """The window of a fit of ``total_steps`` optimizer steps (``inf`` when unknown).
-
-    Args:
-        total_steps: the fit's optimizer steps (``trainer.estimated_stepping_batches``).
-        ramp: ``(start, end)`` of the ramp; default ``(0, 2/3 of the fit)``.
-        debias: the length of the final frozen phase (penalty off, zeros kept); default: from the end of
-            the ramp to the end of the fit; ``0``: no freezing, the level keeps tracking the target.
-
-    Example:
-        >>> resolve_window(300)
-        SparsityWindow(start=0, end=200, freeze=200)
-        >>> resolve_window(300, ramp=(0.1, 0.5), debias=0.25)
-        SparsityWindow(start=30, end=150, freeze=225)
-    """
-    if ramp is None:
-        ramp = (0, 2 / 3)
-    _check_ramp(ramp)
-    start, end = _point("target_ramp start", ramp[0], total_steps), _point("target_ramp end", ramp[1], total_steps)
-    if not start < end:
-        raise ValueError(f"target_ramp must start before it ends, got {tuple(ramp)!r} = steps ({start}, {end})")
-    if debias is None:
-        freeze: int | None = end if math.isfinite(total_steps) else None
-    else:
-        length = _point("target_debias", debias, total_steps)
-        freeze = None if length == 0 else (round(total_steps) - length if math.isfinite(total_steps) else None)
-        if length and freeze is None:
-            raise ValueError(f"target_debias={debias!r} needs a fit of known length (set max_steps or max_epochs)")
-    if freeze is not None and freeze < end:
-        raise ValueError(f"target_debias={debias!r} would freeze the zeros at step {freeze}, before the ramp "
-                         f"ends at step {end} (target_ramp={tuple(ramp)!r}, {total_steps:g} steps in the fit)")
-    return SparsityWindow(start, end, freeze)
 
 
 class TargetSparsity:
@@ -159,7 +72,7 @@ class TargetSparsity:
 
     Args:
         target: the final fraction of zero units, in (0, 1).
-        ramp, debias: see :func:`resolve_window`.
+        ramp, debias: see :func:`lightreg.target_window.resolve_window`.
         every: select the level every ``every`` steps of the ramp (and at its last step); in between the
             last level is kept. 1 (default) tracks the target exactly at every step.
 
@@ -175,12 +88,23 @@ class TargetSparsity:
         self.target, self.ramp, self.debias = target, ramp, debias
         self.every = check_int("target_every", every, low=1)
         if ramp is not None:
-            _check_ramp(ramp)
+            check_ramp(ramp)
         if debias is not None:
-            _check_point("target_debias", debias)
+            check_point("target_debias", debias)
         self.window: SparsityWindow | None = None
         self.alpha = 0.0
         self.masks: dict[str, Tensor] = {}
+
+    def check(self, penalty: Penalty, mode: str, schedule: object) -> None:
+        """Raise ``ValueError`` unless a target can drive ``penalty`` in ``mode`` (it sets alpha: no ``schedule``)."""
+        if mode != "proximal" or not penalty.makes_zeros:
+            raise ValueError(f"target_sparsity={self.target!r} needs mode='proximal' and a penalty whose prox makes "
+                             f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso), got {penalty!r} in mode={mode!r}")
+        if schedule is not None:
+            raise ValueError(f"target_sparsity sets alpha at every step; it takes no schedule, got {schedule!r}")
+
+    def __str__(self) -> str:
+        return f"target sparsity {self.target:g}, {self.window}"
 
     def setup(self, total_steps: float) -> None:
         """Resolve the window for a fit of ``total_steps`` steps; a restored window is kept (exact resume)."""
@@ -206,7 +130,38 @@ class TargetSparsity:
             self.alpha = level_for_fraction(levels, self.fraction(step), dtype, reduce)
         return self.alpha
 
-    # ---- the frozen zero pattern --------------------------------------------------------------------
+    # ---- what the Regularizer calls around each optimizer step --------------------------------------
+    def alpha_after_step(self, step: int, penalty: Penalty, work: Sequence[Work], reduction: Reduction | None) -> float:
+        """The alpha of the prox after optimizer step ``step``, over the prox ``work`` of its param groups.
+
+        On the ramp's steps: the level that zeroes the ramped target (a collective with a ``reduction``).
+        In the frozen phase: 0 (no prox), and the recorded zeros are put back (``w *= mask``) instead.
+        """
+        if self.frozen(step):
+            self.apply_masks_([(n, w) for names, ws, _ in work for n, w in zip(names, ws, strict=True)])
+            return 0.0
+        tensors = [w for _, ws, _ in work for w in ws]
+        counted = list(_counted(tensors, reduction))
+
+        def levels() -> Iterable[Tensor]:
+            pairs = ((w, s) for _, ws, steps in work for w, s in zip(ws, _each(steps)))
+            return (penalty.zero_levels(w, s) for (w, s), c in zip(pairs, counted, strict=True) if c)
+
+        return self.level(step, levels, selection_dtype(tensors), reduction or _identity)
+
+    def before_step(self, step: int, named: Callable[[], Sequence[tuple[str, Tensor]]]) -> None:
+        """Record the zero pattern of ``named()`` before the first frozen step moves the zeros (and again after a
+        resume whose checkpoint could not hold the masks of sharded parameters: the weights still hold the zeros)."""
+        if self.frozen(step):
+            self.freeze_missing(named())
+
+    def metrics(self, name: str, penalty: Penalty, tensors: Sequence[Tensor], reduction: Reduction | None,
+                step: int) -> dict[str, Tensor | float]:
+        """``reg/<name>/sparsity`` (measured, a collective with a ``reduction``) and ``reg/<name>/target`` (ramped)."""
+        return {f"reg/{name}/sparsity": zero_fraction(penalty, tensors, reduction),
+                f"reg/{name}/target": self.fraction(step)}
+
+    # ---- the frozen zero pattern, and the checkpoint ------------------------------------------------
     def freeze_missing(self, named: Sequence[tuple[str, Tensor]]) -> None:
         """Record ``w != 0`` for every parameter without a mask yet (call before the step that would move zeros)."""
         for name, w in named:
@@ -228,3 +183,8 @@ class TargetSparsity:
         self.window = None if state["window"] is None else SparsityWindow(*state["window"])
         self.alpha = state["alpha"]
         self.masks = dict(state["masks"])
+
+
+def _each(steps: float | Sequence[Step]) -> Iterable[Step]:
+    """One step per tensor: ``steps`` itself, or the one float repeated."""
+    return itertools.repeat(steps) if isinstance(steps, (int, float)) else steps

@@ -13,8 +13,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, Regularizer, sparsity_report
-from lightreg.statistics import COLUMNS, partial_sums, reduce_partial_sums
-from lightreg.wandb_extras import histograms
+from lightreg.distributed import local_shards, shard_reduction
+from lightreg.histogram import histograms
+from lightreg.statistics import COLUMNS, partial_sums
 from tests._spawn import run_on_ranks
 from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer
 from tests.test_monitor import CountingMonitor, read_csv, weight_rows
@@ -68,14 +69,15 @@ def raw_reduction() -> dict:
     mesh = init_device_mesh("cpu", (2,))
     full, tensors = hand_built(mesh)
     kw = dict(near_zero=True, linf=True, structured=True)
-    out = {"full": full, "reduced": reduce_partial_sums(tensors, **kw),
+    reduce = shard_reduction(tensors)
+    out = {"full": full, "reduced": partial_sums(local_shards(tensors), reduce=reduce, **kw),
            "local": partial_sums([t.to_local() if isinstance(t, DTensor) else t for t in tensors], **kw),
            "local_numel": [t.to_local().numel() if isinstance(t, DTensor) else t.numel() for t in tensors]}
-    out["hist"] = histograms(tensors, bins=8)
+    out["hist"] = histograms(local_shards(tensors), bins=8, reduce=reduce)
     out["hist_local"] = histograms([t.to_local() if isinstance(t, DTensor) else t for t in tensors], bins=8)
     partial = DTensor.from_local(torch.ones(2, 2), mesh, [Partial()])
     try:
-        reduce_partial_sums([partial], ["p"])
+        shard_reduction([partial], ["p"])
     except ValueError as e:
         out["partial_error"] = str(e)
     return out
