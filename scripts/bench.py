@@ -375,7 +375,7 @@ def bench_model(model_name: str, configs: dict[str, Any], args: argparse.Namespa
 
 # ---- report --------------------------------------------------------------------------------------
 def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """The issue's targets, checked on the MLP (regularizer time) and on every model (memory)."""
+    """The performance targets, checked on the MLP (regularizer time) and on every model (memory)."""
     checks = []
     mlp = results["models"].get("mlp", {}).get("configs", {})
     regs = {n: r for n, r in mlp.items() if n.split("/")[0] in PENALTIES}

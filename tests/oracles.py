@@ -1,4 +1,4 @@
-"""The penalties written out from design.md with plain loops and sums: the oracle the library is tested against."""
+"""The penalties written out from their formulas (the README's table) with plain loops and sums: the oracle the library is tested against."""
 
 import math
 
@@ -8,7 +8,7 @@ from lightreg import L1, L2, ElasticNet, GroupLasso
 
 
 def explicit_value(penalty, w):
-    """R(w) written out from design.md, independently of the library's implementation."""
+    """R(w) written out from its formula, independently of the library's implementation."""
     a = penalty.alpha
     if isinstance(penalty, L1):
         return a * w.abs().sum()

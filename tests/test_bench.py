@@ -107,7 +107,7 @@ def test_quick_run_end_to_end(bench, tmp_path):
         if name not in ("none", "hand_l1_in_loss", "adam_weight_decay", "adamw"):
             assert row["added_ms"] > 0, name
         if name.split("/")[0] in bench.PENALTIES:
-            # The memory guard: no mode holds a temporary beyond the largest penalised tensor (a few
+            # The memory guard: no mode holds a temporary beyond the largest penalised tensor (a few
             # bytes of scalar bookkeeping aside). Allocation sizes do not depend on timing: exact here.
             assert row["extra_hook_bytes"] <= largest + bench.SLACK_BYTES, (name, row["extra_hook_bytes"], largest)
     assert {t[0] for t in result["targets"]} >= {"every Regularizer mode <= 5% of the MLP step"}

@@ -26,7 +26,7 @@ def _tensors(device, seed=0):
 
 
 def _explicit(op, key, ws, gs, s):
-    """The formulas of design.md written out, on CPU (independent of the kernels under test)."""
+    """The penalties' formulas written out, on CPU (independent of the kernels under test)."""
     out = []
     for w, g in zip(ws, gs, strict=True):
         if key == "l1":
