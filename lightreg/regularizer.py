@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +55,6 @@ def bind_to_optimizers(
     if missing:
         raise ValueError(f"selected parameters {missing} are in no optimizer param group, so no step would penalise them")
     return targets
-
-
-def _each(steps: float | Sequence[Step]) -> Iterable[Step]:
-    """One step per tensor: ``steps`` itself, or the one float repeated."""
-    return itertools.repeat(steps) if isinstance(steps, (int, float)) else steps
 
 
 def _lr(group: dict[str, Any]) -> float:
@@ -266,10 +261,16 @@ class Regularizer(Callback):
                 self.alpha = 0.0
                 return self._target.apply_masks_(named)
             params = [p for t in targets for p in t.params]
-            levels = lambda: (self.penalty.zero_levels(w, s) for ops, steps in work for w, s in zip(ops, _each(steps)))  # noqa: E731
+            levels = functools.partial(self._zero_levels, work)
             alpha = self.alpha = self._target.level(self._last_step, levels, selection_dtype(params), levels_reduce(params))
         for operands, steps in work:
             self.penalty.apply_prox_(operands, steps, alpha)
+
+    def _zero_levels(self, work: Sequence[tuple[list[Tensor], float | Sequence[Step]]]) -> Iterator[Tensor]:
+        # One parameter at a time; its step (a temporary) is freed before the next one is computed.
+        for operands, steps in work:
+            for i, w in enumerate(operands):
+                yield self.penalty.zero_levels(w, steps if isinstance(steps, (int, float)) else steps[i])
 
     def prox_steps(
         self, optimizer: torch.optim.Optimizer, group: dict[str, Any], params: Sequence[Tensor]
