@@ -70,6 +70,7 @@ class GroupLasso(Penalty):
         return {"alpha": self.alpha, "dim": self.dim}
 
     def check_tensor(self, name: str, w: Tensor) -> None:
+        super().check_tensor(name, w)
         if w.ndim == 0 or not -w.ndim <= self.dim < w.ndim:
             raise ValueError(f"GroupLasso dim={self.dim} is out of range for {name!r} of shape {tuple(w.shape)}")
 

@@ -10,11 +10,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightreg._checks import check_int, check_patterns, check_real
+from lightreg._checks import check_int, check_patterns, check_real, check_tensor_kind
+from lightreg.binding import is_uninitialized
 from lightreg.distributed import check_model, is_dtensor
 from lightreg.emit import log_scalars, wandb_loggers
-from lightreg.selection import select_parameters
-from lightreg.statistics import EXTRAS, figure_names, figures, global_sparsity, reduce_partial_sums
+from lightreg.selection import Owned, effective_tensor, select_rows
+from lightreg.statistics import EXTRAS, Masked, figure_names, figures, global_sparsity, reduce_partial_sums
 
 
 def check_extras(extras: object) -> tuple[str, ...]:
@@ -40,13 +41,17 @@ class WeightMonitor(Callback):
 
     When: after the optimizer steps whose ``trainer.global_step`` (steps done) is a multiple of
     ``every_n_steps``, in ``on_train_batch_end`` of the batch that stepped (never on accumulation
-    micro-batches, nor when the AMP scaler skipped the step). A proximal ``Regularizer`` acts in the
+    micro-batches, nor when the AMP scaler skipped the step). Optimizers created during the fit
+    (``trainer.strategy.setup_optimizers()``) are hooked at the next ``on_train_batch_start``. A proximal ``Regularizer`` acts in the
     optimizer's step post-hook, so the figures are after the prox whichever callback comes first.
     The row carries Lightning's step for that batch (``global_step - 1``), the same row as the module's
     own ``self.log`` values. Nothing is computed on the steps in between; a logging step computes
     everything in one pass and crosses to the host once. Never on the progress bar.
 
-    Selection is the ``Regularizer``'s (``ndim >= 2``, no norm layers; ``include``/``exclude`` globs).
+    Selection is the ``Regularizer``'s (``ndim >= 2``, no norm layers; ``include``/``exclude`` globs);
+    a lazy layer's weight joins once it materialises. A layer pruned with ``torch.nn.utils.prune`` (or
+    Lightning's ``ModelPruning``) is measured as the weight it computes with, ``weight_orig * weight_mask``,
+    under its own name ``weight``.
     Under DDP the replicated weights are measured on rank zero only; with ``DTensor`` parameters (FSDP2)
     every rank computes its shard's partial sums and they are reduced before the figures are formed.
 
@@ -81,7 +86,10 @@ class WeightMonitor(Callback):
             raise TypeError(f"print_table must be a bool, got {print_table!r}")
         self.print_table = print_table
         self.names: list[str] = []
-        self.params: list[Tensor] = []
+        self._rows: list[Owned] = []
+        self._lazy: list[Tensor] = []
+        self._module: pl.LightningModule | None = None
+        self._hooked: dict[int, torch.optim.Optimizer] = {}
         self._sharded = False
         self._stepped = False
         self._handles: list[Any] = []
@@ -92,6 +100,22 @@ class WeightMonitor(Callback):
             f"WeightMonitor(every_n_steps={self.every_n_steps}, include={self.include!r}, "
             f"exclude={self.exclude!r}, extras={self.extras!r})"
         )
+
+    @property
+    def params(self) -> list[Tensor | Masked]:
+        """The monitored tensors as the model computes with them now (a pruned weight as ``orig * mask``)."""
+        if self._lazy and not any(is_uninitialized(p) for p in self._lazy) and self._module is not None:
+            self._select(self._module)  # the lazy layers have materialised: decide their parameters now
+        return [effective_tensor(row) for row in self._rows]
+
+    def _select(self, pl_module: pl.LightningModule) -> None:
+        self._rows = select_rows(pl_module, self.include, self.exclude)
+        for row in self._rows:
+            if not is_uninitialized(row.param):
+                check_tensor_kind(row.name, row.param, "WeightMonitor")
+        self.names = [row.name for row in self._rows]
+        self._lazy = [p for p in pl_module.parameters() if is_uninitialized(p)]
+        self._module = pl_module
 
     # ---- pure part ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -110,9 +134,9 @@ class WeightMonitor(Callback):
         names = figure_names(self.extras)
         values = torch.cat([table.flatten(), global_sparsity(partials).reshape(1)]).tolist()
         out: dict[str, float] = {}
-        for i, (param_name, param) in enumerate(zip(self.names, self.params, strict=True)):
+        for i, (param_name, row) in enumerate(zip(self.names, self._rows, strict=True)):
             for j, figure in enumerate(names):
-                if figure in ("dead_rows", "dead_cols") and param.ndim < 2:
+                if figure in ("dead_rows", "dead_cols") and row.param.ndim < 2:
                     continue
                 out[f"weights/{param_name}/{figure}"] = values[i * len(names) + j]
         out["weights/global/sparsity"] = values[-1]
@@ -122,18 +146,19 @@ class WeightMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_flat_shards(trainer)
         check_model(pl_module, "WeightMonitor")  # FSDP1 or ZeRO parameters wrapped by hand
-        selected = select_parameters(pl_module, self.include, self.exclude)
-        self.names = [name for name, _ in selected]
-        self.params = [param for _, param in selected]
-        self._sharded = any(is_dtensor(p) for p in self.params)
+        self._select(pl_module)
+        self._sharded = any(is_dtensor(row.param) for row in self._rows)
         self._stepped = False
         self._wandb = None
         if wandb_loggers(trainer):
             from lightreg import wandb_extras  # only now: the core never imports wandb
 
             self._wandb = wandb_extras
-        for optimizer in trainer.optimizers:
-            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+        self._hooked = {}
+        self._hook_optimizers(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._hook_optimizers(trainer)  # setup_optimizers() mid-fit makes new ones: one set lookup each
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         stepped, self._stepped = self._stepped, False
@@ -147,7 +172,8 @@ class WeightMonitor(Callback):
                 log_scalars(trainer, values)
         hist = self.histogram_every_n_steps
         if hist and self._wandb is not None and measure and trainer.global_step % hist == 0:
-            self._wandb.log_histograms(trainer, self.names, self.params)
+            tensors = [t.materialize() if isinstance(t, Masked) else t for t in self.params]
+            self._wandb.log_histograms(trainer, self.names, tensors)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self.print_table or self._wandb is not None):
@@ -168,6 +194,13 @@ class WeightMonitor(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooked = {}
+
+    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
+        for optimizer in trainer.optimizers:
+            if self._hooked.get(id(optimizer)) is not optimizer:
+                self._hooked[id(optimizer)] = optimizer
+                self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Fires once per real step (not per micro-batch), after any proximal Regularizer hook that

@@ -65,7 +65,9 @@ def soft_threshold_(w: Tensor, threshold: Step, scale: float = 1.0) -> Tensor:
         tensor([2., -0., 0.])
     """
     if not isinstance(threshold, Tensor):
-        return torch.ops.aten.softshrink.out(w, threshold * scale, out=w)
+        # Any finite |w| <= finfo.max, so thresholding at the dtype's max is exact where lr*alpha would overflow it.
+        threshold = min(threshold * scale, torch.finfo(w.dtype).max)
+        return torch.ops.aten.softshrink.out(w, threshold, out=w)
     return w.copy_(w.abs().sub_(threshold, alpha=scale).clamp_(min=0.0).copysign_(w))
 
 
@@ -129,7 +131,7 @@ class L1(Penalty):
         alpha = self.alpha if alpha is None else alpha
         if not (isinstance(steps, (int, float)) and use_foreach(params)):
             return super().apply_prox_(params, steps, alpha)
-        s = steps * alpha
+        s = min(steps * alpha, min(torch.finfo(p.dtype).max for p in params))  # as in soft_threshold_
         if s == 0.0:
             return
         for run in chunk_by_numel(params):
@@ -247,7 +249,9 @@ class ElasticNet(Penalty):
 
     def prox(self, w: Tensor, step: Step, alpha: float) -> Tensor:
         rho = self.l1_ratio
-        return soft_threshold(w, step * (alpha * rho)) / (1.0 + step * (alpha * (1.0 - rho)))
+        # Each part only where it exists: an infinite step times a zero weight would be a NaN threshold.
+        out = soft_threshold(w, step * (alpha * rho)) if rho > 0.0 else w.clone()
+        return out / (1.0 + step * (alpha * (1.0 - rho))) if rho < 1.0 else out
 
     def zero_levels(self, w: Tensor, step: Step) -> Tensor:
         if self.l1_ratio == 0:

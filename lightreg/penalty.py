@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from lightreg._checks import check_real
+from lightreg._checks import check_real, check_tensor_kind
 
 #: A prox step: one float for every coordinate, or a tensor broadcastable to the weight.
 Step = float | Tensor
@@ -132,7 +132,11 @@ class Penalty:
         raise NotImplementedError(f"{type(self).__name__} makes no exact zeros, so it has no zero levels")
 
     def check_tensor(self, name: str, w: Tensor) -> None:
-        """Raise ``ValueError`` if the penalty cannot apply to ``w``; called before any weight changes."""
+        """Raise ``TypeError``/``ValueError`` if the penalty cannot apply to ``w``; called before any weight changes.
+
+        The base accepts dense real floating-point tensors; an override adds its own conditions after it.
+        """
+        check_tensor_kind(name, w, type(self).__name__)
 
     # ---- in place, one tensor: what the callback calls (built-ins override these) ------------------
     def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,76 +12,55 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightreg._checks import check_patterns
+from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns
+from lightreg.binding import Binding, is_uninitialized
 from lightreg.distributed import check_model, check_strategy, is_dtensor, local_tensor, sum_values
 from lightreg.emit import is_log_step, log_scalars
 from lightreg.penalty import Penalty, Step
 from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, unknown_adaptive_state
 from lightreg.schedules import scheduled_factor
-from lightreg.selection import select_parameters
+from lightreg.selection import describe_selection, select_parameters, sparse_gradient_parameters
 from lightreg.target import Point, TargetSparsity, levels_reduce, selection_dtype, zero_fraction
 
 MODES = ("gradient", "decoupled", "proximal")
 
 
-@dataclass
-class ParamGroupTarget:
-    """The selected parameters of one optimizer param group; ``group`` supplies the live ``lr``."""
-
-    optimizer: torch.optim.Optimizer
-    group: dict[str, Any]
-    names: list[str]
-    params: list[Tensor]
-
-
-def bind_to_optimizers(
-    optimizers: Sequence[torch.optim.Optimizer], selected: Sequence[tuple[str, Tensor]]
-) -> list[ParamGroupTarget]:
-    """Group the selected parameters by the optimizer param group that updates them.
-
-    Raises ``ValueError`` for a selected parameter that no optimizer updates: its penalty could never act.
-    """
-    name_of = {id(p): n for n, p in selected}
-    targets, bound = [], set()
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            ids = [id(p) for p in group["params"] if id(p) in name_of and id(p) not in bound]
-            if ids:
-                bound.update(ids)
-                params = [p for p in group["params"] if id(p) in ids]
-                targets.append(ParamGroupTarget(optimizer, group, [name_of[i] for i in ids], params))
-    missing = [n for n, p in selected if id(p) not in bound]
-    if missing:
-        raise ValueError(f"selected parameters {missing} are in no optimizer param group, so no step would penalise them")
-    return targets
-
-
 def _lr(group: dict[str, Any]) -> float:
-    lr = group["lr"]
-    return float(lr)  # a tensor lr costs one sync per param group, never one per parameter
+    return float(group["lr"])  # a tensor lr costs one sync per param group, never one per parameter
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
 
 
 class Regularizer(Callback):
     """Apply ``penalty`` to the selected parameters at every real optimizer step.
 
-    Modes (design.md): ``gradient`` adds ``∇R`` to ``.grad`` in ``on_before_optimizer_step`` (after AMP
-    unscaling and accumulation, before clipping: the same as ``R`` in the loss); ``decoupled`` takes
-    ``w -= lr * ∇R(w)`` just before the step (``L2`` with Adam is AdamW); ``proximal`` (default) applies
-    ``prox_{t R}`` right after the step (exact zeros; ISTA with SGD). ``lr`` is the parameter's own param
-    group's current learning rate; the prox step ``t`` is the step the optimizer took: per coordinate
-    ``lr / (sqrt(v̂) + eps)`` for Adam, AdamW, NAdam, RAdam, RMSprop and Adagrad (``lightreg.preconditioner``),
-    so that the fixed points are the stationary points of ``loss + R`` with those optimizers too; ``lr`` for
-    the others. The optimizer hooks fire only when a step really runs, so never on accumulation
-    micro-batches nor on steps the AMP grad scaler skips.
+    Modes (design.md): ``gradient`` adds ``∇R`` to ``.grad`` (after AMP unscaling and accumulation, before
+    clipping: the same as ``R`` in the loss); ``decoupled`` takes ``w -= lr * ∇R(w)`` just before the
+    step (``L2`` with Adam is AdamW); ``proximal`` (default) applies ``prox_{t R}`` right after the step
+    (exact zeros; ISTA with SGD), ``t`` the step the optimizer took: per coordinate ``lr / (sqrt(v̂) + eps)``
+    for Adam, AdamW, NAdam, RAdam, RMSprop and Adagrad (``lightreg.preconditioner``), so that the fixed
+    points are the stationary points of ``loss + R`` with those optimizers too; ``lr`` for the others.
+    Every mode acts once per real step on exactly the parameters the optimizer steps (``.grad`` of
+    ``None``: skipped, as torch skips it), with the group's ``lr`` then.
 
     With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``,
-    ``GroupLasso``) alpha is not the penalty's: after every step of a ramp it is set to the level at which the
-    prox zeroes exactly the ramped fraction of the selection (see ``lightreg.target``); then the zero pattern is
-    frozen and the penalty is off for a final debias phase. Also logged: ``reg/<name>/sparsity`` and
-    ``reg/<name>/target``.
+    ``GroupLasso``) alpha is not the penalty's: after every step of a ramp it is set to the level at which
+    the prox zeroes exactly the ramped fraction of the selection (``lightreg.target``); then the zero
+    pattern is frozen and the penalty is off for a final debias phase. Also logged: ``reg/<name>/sparsity``
+    and ``reg/<name>/target``.
 
-    Logs ``reg/<name>/penalty`` (``R(w)`` at the scheduled alpha, of the weights as the step left them)
-    and ``reg/<name>/alpha`` on Lightning's log steps (``Trainer(log_every_n_steps=...)``).
+    Where: ``proximal`` in the step post-hook; ``gradient`` and ``decoupled`` in ``on_before_optimizer_step``
+    under automatic optimization (backward runs inside ``optimizer.step``; ``decoupled`` with a grad
+    scaler: the step pre-hook, never on a skipped step), in the step pre-hook under manual optimization
+    (``LightningOptimizer`` or raw). Which: ``select`` intersected with what each optimizer holds when
+    it steps, cached while its parameter set is unchanged (``lightreg.binding``); optimizers made mid-fit
+    are hooked at the next ``on_train_batch_start``. ``LBFGS``, ``maximize=True`` and tensors
+    ``Penalty.check_tensor`` refuses are refused before any weight changes (``docs/correctness.md``).
+
+    Logs ``reg/<name>/penalty`` (``R(w)`` at the scheduled alpha of the selected parameters the optimizers
+    hold, as the step left them) and ``reg/<name>/alpha`` on Lightning's log steps.
 
     Args:
         penalty: an ``L1``, ``L2``, ``ElasticNet``, ``GroupLasso`` or other ``Penalty``.
@@ -140,20 +118,18 @@ class Regularizer(Callback):
                                  f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso), got {penalty!r} in mode={mode!r}")
             if schedule is not None:
                 raise ValueError(f"target_sparsity sets alpha at every step; it takes no schedule, got {schedule!r}")
-        self.penalty = penalty
-        self.mode = mode
+        self.penalty, self.mode, self.schedule = penalty, mode, schedule
+        self.preconditioned = preconditioned
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
-        self.schedule = schedule
         self.name = name or penalty.name
-        self.preconditioned = preconditioned
         self.steps_applied = 0
         self.alpha = penalty.alpha
-        self._targets: list[ParamGroupTarget] = []
+        self._binding = Binding(list)
+        self._optimizers: dict[int, torch.optim.Optimizer] = {}
         self._handles: list[Any] = []
         self._trainer: pl.Trainer | None = None
-        self._stepped = False
-        self._decay_in_pre_hook = False
+        self._stepped = self._decay_in_pre_hook = self._keyed = False
         self._checked_optimizers: set[int] = set()
         self._last_step = 0
 
@@ -168,39 +144,63 @@ class Regularizer(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        # Lightning refuses equal keys when the Trainer is built, in a message that cannot name `name=`.
+        # Until setup has compared the names itself (check_distinct_names), each instance keys apart.
+        return self._generate_state_key(name=self.name) if self._keyed else self._generate_state_key(instance=id(self))
 
     # ---- extension points -------------------------------------------------------------------
     def select(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
-        """The ``(name, parameter)`` pairs to penalise; override for a rule globs cannot express."""
+        """The ``(name, parameter)`` pairs to penalise; override for a rule globs cannot express.
+
+        Called at fit start and again whenever an optimizer's parameter set changes.
+        """
         return select_parameters(pl_module, self.include, self.exclude)
 
     def current_alpha(self, step: int) -> float:
         """``alpha * schedule(step)``: the strength used at optimizer step ``step`` (0-based)."""
         return self.penalty.alpha * scheduled_factor(self.schedule, step)
 
+    def penalised(self) -> list[tuple[str, Tensor]]:
+        """The selected ``(name, parameter)`` pairs that the hooked optimizers hold now."""
+        return self._binding.held(self._optimizers.values())
+
     # ---- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_distinct_names("Regularizer", [cb.name for cb in trainer.callbacks if isinstance(cb, Regularizer)])
+        self._keyed = True
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_strategy(trainer.strategy, f"Regularizer {self.name!r}")
         check_model(pl_module, f"Regularizer {self.name!r}")
+        self.alpha = self.current_alpha(trainer.global_step)
         selected = self.select(pl_module)
+        sparse = sparse_gradient_parameters(pl_module) if self.mode == "gradient" else set()
+        warn = rank_zero_warn if self.penalty.l2_part else None
+        checks = ParameterChecks(f"Regularizer {self.name!r}", self.penalty.check_tensor, sparse, warn)
         for name, param in selected:
-            self.penalty.check_tensor(name, param)
-        self._targets = bind_to_optimizers(trainer.optimizers, selected)
-        self._trainer = trainer
-        # Lightning runs the closure (forward, backward) inside optimizer.step, after its pre-step hooks, so the
-        # decoupled step normally goes in on_before_optimizer_step. A grad scaler instead calls optimizer.step
-        # after backward and only when the step is not skipped: there the pre-step hook is the right place.
+            checks.parameter(name, param)
+        self._trainer, self._optimizers = trainer, {}
+        self._binding = Binding(lambda: self.select(pl_module), checks.groups)
+        # A grad scaler calls optimizer.step after backward and only when the step is not skipped: there the
+        # pre-step hook is the decoupled step's place; otherwise the closure's backward runs inside the step.
         self._decay_in_pre_hook = getattr(trainer.precision_plugin, "scaler", None) is not None
         if self._target is not None:
             self._target.setup(trainer.estimated_stepping_batches)
-        self._register_optimizer_hooks()
-        self._warn_double_decay()
-        self._report_selection(selected)
+        self._hook_optimizers(trainer)  # resolves each optimizer now, so its refusals come before any step
+        self._report_selection(pl_module, selected)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.alpha = self.current_alpha(trainer.global_step)  # a resumed fit's step is known only now
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._hook_optimizers(trainer)  # setup_optimizers() mid-fit makes new ones: one dict lookup each
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if not pl_module.automatic_optimization:
+            return  # backward ran before opt.step(): the pre-step hook acts, with or without the wrapper
+        self._hook(optimizer)
         if self.mode == "gradient":
             self.apply_gradient(optimizer, self.current_alpha(trainer.global_step))
         elif self.mode == "decoupled" and not self._decay_in_pre_hook:
@@ -209,6 +209,9 @@ class Regularizer(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # Under accumulation this fires on every micro-batch; only a batch that stepped is logged.
         stepped, self._stepped = self._stepped, False
+        if stepped and trainer.global_step == 0 and self.schedule is not None:  # raw optimizers, manual optimization
+            rank_zero_warn(f"Regularizer {self.name!r}: trainer.global_step does not advance when training_step steps "
+                           "raw optimizers, so the schedule stays at step 0; step self.optimizers() instead")
         if stepped and is_log_step(trainer):
             log_scalars(trainer, self.metrics())
 
@@ -221,8 +224,7 @@ class Regularizer(Callback):
     def state_dict(self) -> dict[str, Any]:
         state = {"steps_applied": self.steps_applied, "penalty": repr(self.penalty), "mode": self.mode}
         if self._target is not None:  # sharded masks are rebuilt from the zeros of the restored weights instead
-            plain = {n for t in self._targets for n, p in zip(t.names, t.params, strict=True) if not is_dtensor(p)}
-            state["target"] = self._target.state_dict(plain)
+            state["target"] = self._target.state_dict({n for n, p in self.penalised() if not is_dtensor(p)})
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -237,30 +239,27 @@ class Regularizer(Callback):
     @torch.no_grad()  # else g += alpha * w records w into p.grad's autograd history (and FSDP2 refuses it)
     def apply_gradient(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
         """``g += ∇R(w)`` for the selected parameters of ``optimizer`` that have a gradient."""
-        for target in self._targets_of(optimizer):
-            pairs = [(p.grad, p) for p in target.params if p.grad is not None]
-            if pairs:
-                grads, params = zip(*pairs, strict=True)
-                self.penalty.apply_gradient_(self._operands(grads), self._operands(params), alpha)
+        for _, _, params in self._stepped_params(optimizer):
+            grads = [p.grad for p in params]
+            self.penalty.apply_gradient_(self._operands(grads), self._operands(params), alpha)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def apply_decoupled(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
-        """``w -= lr * ∇R(w)`` with each param group's ``lr``."""
-        for target in self._targets_of(optimizer):
-            self.penalty.apply_decay_(self._operands(target.params), _lr(target.group), alpha)
+        """``w -= lr * ∇R(w)`` with each param group's ``lr``, for the parameters about to be stepped."""
+        for group, _, params in self._stepped_params(optimizer):
+            self.penalty.apply_decay_(self._operands(params), _lr(group), alpha)
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
-        """``w <- prox_{t R}(w)`` with ``t`` the step the optimizer took (``prox_steps``); with a target, the
-        level that zeroes the ramped fraction (or, frozen, the mask) instead of ``alpha``."""
-        targets = self._targets_of(optimizer)
-        work = [(self._operands(t.params), self.prox_steps(optimizer, t.group, t.params)) for t in targets]
+        """``w <- prox_{t R}(w)`` with ``t`` the step the optimizer took (``prox_steps``), for the stepped parameters;
+        with a target, the level that zeroes the ramped fraction (or, frozen, the mask) instead of ``alpha``."""
+        stepped = self._stepped_params(optimizer)
+        work = [(self._operands(ps), self.prox_steps(_unwrap(optimizer), g, ps)) for g, _, ps in stepped]
         if self._target is not None:
-            named = [(n, w) for t, (ops, _) in zip(targets, work, strict=True) for n, w in zip(t.names, ops, strict=True)]
             if self._target.frozen(self._last_step):
                 self.alpha = 0.0
-                return self._target.apply_masks_(named)
-            params = [p for t in targets for p in t.params]
+                return self._target.apply_masks_(self._named_operands(stepped))
+            params = [p for _, _, ps in stepped for p in ps]
             levels = functools.partial(self._zero_levels, work)
             alpha = self.alpha = self._target.level(self._last_step, levels, selection_dtype(params), levels_reduce(params))
         for operands, steps in work:
@@ -285,37 +284,58 @@ class Regularizer(Callback):
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Tensor | float]:
-        """``reg/<name>/penalty`` (``R(w)`` of the current weights at the last alpha) and ``reg/<name>/alpha``."""
-        params = [p for target in self._targets for p in target.params]
+        """``reg/<name>/penalty`` (``R(w)`` of the penalised weights at the last alpha) and ``reg/<name>/alpha``."""
+        params = [p for _, p in self.penalised() if not is_uninitialized(p)]
         penalty = sum_values([self.penalty.value(p, self.alpha) for p in params])  # global under FSDP2
         metrics: dict[str, Tensor | float] = {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
         if self._target is not None:
-            ops = self._operands(params)
-            metrics[f"reg/{self.name}/sparsity"] = zero_fraction(self.penalty, ops, levels_reduce(params))
+            metrics[f"reg/{self.name}/sparsity"] = zero_fraction(self.penalty, self._operands(params), levels_reduce(params))
             metrics[f"reg/{self.name}/target"] = self._target.fraction(self._last_step)
         return metrics
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _stepped_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], list[str], list[Tensor]]]:
+        """``(live param group, names, its selected parameters that have a gradient)``, for the groups with any."""
+        optimizer = _unwrap(optimizer)  # torch skips a parameter without a gradient, and so do we: no host sync
+        out = []
+        for g in self._binding.groups(optimizer):
+            kept = [(n, p) for n, p in zip(g.names, g.params, strict=True) if p.grad is not None]
+            if kept:
+                out.append((optimizer.param_groups[g.index], [n for n, _ in kept], [p for _, p in kept]))
+        return out
+
+    def _named_operands(self, stepped: Sequence[tuple[Any, list[str], list[Tensor]]]) -> list[tuple[str, Tensor]]:
+        return [(n, w) for _, names, ps in stepped for n, w in zip(names, self._operands(ps), strict=True)]
+
     def _operands(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         # An elementwise penalty acts on each FSDP2 shard alone: no DTensor dispatch, and the foreach path applies.
         return [local_tensor(t) for t in tensors] if self.penalty.elementwise else list(tensors)
 
-    def _targets_of(self, optimizer: torch.optim.Optimizer) -> list[ParamGroupTarget]:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
-        return [target for target in self._targets if target.optimizer is optimizer]
+    def _hook_optimizers(self, trainer: pl.Trainer) -> None:
+        for optimizer in trainer.optimizers:
+            self._hook(optimizer)
 
-    def _register_optimizer_hooks(self) -> None:
-        for optimizer in {id(t.optimizer): t.optimizer for t in self._targets}.values():
-            if self.mode == "decoupled" and self._decay_in_pre_hook:
-                self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
-            if self._target is not None:
-                self._handles.append(optimizer.register_step_pre_hook(self._freeze_hook))
-            # Every mode counts the steps that really ran here; proximal also acts here.
-            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+    def _hook(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer = _unwrap(optimizer)
+        if self._optimizers.get(id(optimizer)) is optimizer:
+            return
+        self._binding.groups(optimizer)  # refusals (LBFGS, maximize, dtype) before this optimizer's first step
+        self._optimizers[id(optimizer)] = optimizer
+        if self.mode != "proximal":
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
+        if self._target is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._freeze_hook))
+        # Every mode counts the steps that really ran here; proximal also acts here.
+        self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
 
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        assert self._trainer is not None, "optimizer hook fired outside a fit"
-        self.apply_decoupled(optimizer, self.current_alpha(self._trainer.global_step))
+        trainer = self._trainer
+        assert trainer is not None, "optimizer hook fired outside a fit"
+        manual = not trainer.lightning_module.automatic_optimization
+        if manual and self.mode == "gradient":
+            self.apply_gradient(optimizer, self.current_alpha(trainer.global_step))
+        elif self.mode == "decoupled" and (manual or self._decay_in_pre_hook):
+            self.apply_decoupled(optimizer, self.current_alpha(trainer.global_step))
 
     @torch.no_grad()
     def _freeze_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -323,8 +343,8 @@ class Regularizer(Callback):
         # whose checkpoint could not hold the masks of sharded parameters: the weights still hold the zeros).
         assert self._trainer is not None and self._target is not None
         if self._target.frozen(self._trainer.global_step):
-            targets = self._targets_of(optimizer)
-            self._target.freeze_missing([(n, w) for t in targets for n, w in zip(t.names, self._operands(t.params), strict=True)])
+            groups = self._binding.groups(_unwrap(optimizer))
+            self._target.freeze_missing([(n, w) for g in groups for n, w in zip(g.names, self._operands(g.params), strict=True)])
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self._trainer is not None, "optimizer hook fired outside a fit"
@@ -332,21 +352,11 @@ class Regularizer(Callback):
         self.alpha = self.current_alpha(self._trainer.global_step)
         if self.mode == "proximal":
             self.apply_proximal(optimizer, self.alpha)
-        self.steps_applied += 1
+        self.steps_applied += bool(self._binding.groups(optimizer))
         self._stepped = True
 
-    def _warn_double_decay(self) -> None:
-        if not self.penalty.l2_part:
-            return
-        doubled = [n for t in self._targets if t.group.get("weight_decay", 0) for n in t.names]
-        if doubled:
-            rank_zero_warn(
-                f"Regularizer {self.name!r} ({self.penalty!r}) penalises {doubled} whose optimizer param group "
-                "already has weight_decay > 0: the squared norm is applied twice. Set weight_decay=0 there."
-            )
-
     def _warn_unknown_adaptive(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.mode != "proximal" or id(optimizer) in self._checked_optimizers or not optimizer.state:
+        if id(optimizer) in self._checked_optimizers or not optimizer.state:
             return
         self._checked_optimizers.add(id(optimizer))
         keys = unknown_adaptive_state(optimizer)
@@ -354,15 +364,15 @@ class Regularizer(Callback):
             rank_zero_warn(f"Regularizer {self.name!r}: {type(optimizer).__name__} keeps per-coordinate state {keys} but its "
                            "step is not known to lightreg; the prox uses the plain lr (override Regularizer.prox_steps).")
 
-    def _report_selection(self, selected: Sequence[tuple[str, Tensor]]) -> None:
-        total = sum(p.numel() for _, p in selected)
-        lines = [f"  {name}  {tuple(p.shape)}" for name, p in selected]
+    def _report_selection(self, pl_module: pl.LightningModule, selected: Sequence[tuple[str, Tensor]]) -> None:
+        held = {id(p) for _, p in self.penalised()}
+        lines = []
         if self.mode == "proximal":
-            optimizers = {id(t.optimizer): t.optimizer for t in self._targets}.values()
-            lines += [f"  prox step  {step_formula(o) if self.preconditioned else type(o).__name__ + ': lr'}" for o in optimizers]
+            steps = [step_formula(o) if self.preconditioned else f"{type(o).__name__}: lr" for o in self._optimizers.values()]
+            lines += [f"\n  prox step  {s}" for s in steps]
         if self._target is not None:
-            lines.append(f"  target sparsity {self._target.target:g}, {self._target.window}")
-        rank_zero_info(
-            f"Regularizer {self.name!r}: {self.penalty!r}, mode={self.mode}, "
-            f"{len(selected)} tensors, {total:,} weights\n" + "\n".join(lines)
-        )
+            lines.append(f"\n  target sparsity {self._target.target:g}, {self._target.window}")
+        rank_zero_info(f"Regularizer {self.name!r}: {self.penalty!r}, mode={self.mode}, "
+                       + describe_selection(pl_module, selected, held) + "".join(lines))
+        if selected and not held:
+            rank_zero_warn(f"Regularizer {self.name!r}: no optimizer holds any selected tensor yet; it acts once one does")

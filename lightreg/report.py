@@ -8,19 +8,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightreg.selection import select_parameters
-from lightreg.statistics import figures, reduce_partial_sums
+from lightreg.selection import effective_tensor, select_rows
+from lightreg.statistics import Masked, figures, reduce_partial_sums
 
 #: The keys of every report row, in display order.
 REPORT_COLUMNS = ("name", "shape", "numel", "l1", "l2", "sparsity", "dead_rows", "dead_cols")
 
 
 @torch.no_grad()
-def report_rows(names: Sequence[str], params: Sequence[Tensor]) -> list[dict[str, Any]]:
+def report_rows(names: Sequence[str], params: Sequence[Tensor | Masked]) -> list[dict[str, Any]]:
     """One row per tensor (``REPORT_COLUMNS``), computed in one pass with one host transfer.
 
     ``dead_rows`` / ``dead_cols`` are the fractions of all-zero slices along dim 0 / dim 1, ``None``
-    for tensors with ``ndim < 2``. ``DTensor`` shards are reduced first, so every rank must call it.
+    for tensors with ``ndim < 2``; an empty tensor's ``sparsity`` is NaN (0 of 0). ``DTensor`` shards
+    are reduced first, so every rank must call it.
     """
     partials = reduce_partial_sums(params, names, structured=True)
     values = figures(partials, extras=["structured"]).tolist()
@@ -48,7 +49,9 @@ def sparsity_report(
     """Per-layer ``l1 = Σ|w|``, ``l2 = √Σw²``, ``sparsity = #zeros/numel`` and dead row/column fractions.
 
     Works on any ``nn.Module`` outside training, with the ``Regularizer``'s selection rule
-    (``ndim >= 2``, no norm layers) or ``include``/``exclude`` globs.
+    (``ndim >= 2``, no norm layers) or ``include``/``exclude`` globs. A layer pruned with
+    ``torch.nn.utils.prune`` is measured as the weight it computes with (``weight_orig * weight_mask``),
+    under its own name ``weight``.
 
     Example:
         >>> model = nn.Linear(3, 2, bias=False)
@@ -57,23 +60,26 @@ def sparsity_report(
         >>> row["name"], row["shape"], row["l1"], row["l2"], row["sparsity"], row["dead_rows"], row["dead_cols"]
         ('weight', (2, 3), 7.0, 5.0, 0.6666666666666666, 0.5, 0.3333333333333333)
     """
-    selected = select_parameters(model, include, exclude)
-    return report_rows([n for n, _ in selected], [p for _, p in selected])
+    rows = select_rows(model, include, exclude)
+    return report_rows([row.name for row in rows], [effective_tensor(row) for row in rows])
 
 
 def overall_sparsity(rows: Sequence[dict[str, Any]]) -> float:
     """``Σ #zeros / Σ numel`` over report rows (each row's zero count rounds back to an exact integer).
 
+    Empty tensors add nothing; with no element at all the result is 0.
+
     Example:
-        >>> overall_sparsity([{"sparsity": 0.5, "numel": 4}, {"sparsity": 0.0, "numel": 4}])
-        0.25
+        >>> overall_sparsity([{"sparsity": 0.5, "numel": 4}, {"sparsity": float("nan"), "numel": 0}])
+        0.5
     """
     numel = sum(r["numel"] for r in rows)
-    return sum(round(r["sparsity"] * r["numel"]) for r in rows) / numel if numel else 0.0
+    zeros = sum(round(r["sparsity"] * r["numel"]) for r in rows if r["numel"])
+    return zeros / numel if numel else 0.0
 
 
 def _fraction(value: float | None, total: int) -> str:
-    if value is None:
+    if value is None or total == 0:
         return "-"
     return f"{value:.1%} ({round(value * total)}/{total})"
 
@@ -90,7 +96,7 @@ def print_report(rows: Sequence[dict[str, Any]], title: str = "Weight sparsity")
         shape = row["shape"]
         table.add_row(
             row["name"], "x".join(map(str, shape)) or "scalar", f"{row['numel']:,}", f"{row['l1']:.4g}",
-            f"{row['l2']:.4g}", f"{row['sparsity']:.2%}",
+            f"{row['l2']:.4g}", f"{row['sparsity']:.2%}" if row["numel"] else "-",
             _fraction(row["dead_rows"], shape[0] if len(shape) >= 2 else 0),
             _fraction(row["dead_cols"], shape[1] if len(shape) >= 2 else 0),
         )

@@ -1,30 +1,50 @@
 """Which parameters a penalty or the monitor sees: one default rule, then include/exclude globs.
 
-The default (nanoGPT/timm) rule: every trainable parameter with ``ndim >= 2`` that does not belong to
-a normalisation layer. Biases, norm scales and frozen parameters are never selected by default.
-``include`` replaces the rule with exactly the names it matches; ``exclude`` removes names. Names are
-the ones the user wrote: wrapper prefixes added by ``torch.compile`` or FSDP are stripped first.
+The default (nanoGPT/timm) rule: every floating-point (or complex) parameter with ``ndim >= 2`` that is
+not owned by a normalisation layer and is not a weight-norm magnitude. Integer parameters never train, so
+the rule skips them; complex ones are selected so that the callbacks, which support real tensors only,
+refuse them by name rather than skip them silently. Normalisation layers are recognised by type:
+``torch.nn.modules.normalization`` (``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``LocalResponseNorm``...)
+and ``_NormBase`` (every ``BatchNorm``/``InstanceNorm``); a custom norm layer is an ordinary module to
+the rule, so leave it out with ``exclude``. ``requires_grad`` does not matter: a frozen parameter is
+selected, and penalised from the step at which its optimizer steps it. A lazy module's parameter is
+decided once it materialises. ``include`` replaces the rule with exactly the names it matches;
+``exclude`` removes names. Names are the ones the user wrote: wrapper prefixes added by
+``torch.compile`` or FSDP are stripped, and a pruned ``weight_orig`` keeps its name ``weight``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from typing import NamedTuple
 
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.parametrize import ParametrizationList
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lightreg._checks import check_patterns
+from lightreg.binding import is_uninitialized
+from lightreg.statistics import Masked
 
 #: Module names that wrappers insert into parameter names (``torch.compile``, FSDP, activation checkpointing).
 WRAPPER_TOKENS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase,) + tuple(
+    cls for cls in vars(nn.modules.normalization).values()
+    if isinstance(cls, type) and issubclass(cls, nn.Module) and cls is not nn.Module
 )
+
+
+class Owned(NamedTuple):
+    """A parameter with its clean name, its owning module and its attribute name there (``weight``)."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    param: Tensor
 
 
 def clean_name(name: str) -> str:
@@ -38,27 +58,89 @@ def clean_name(name: str) -> str:
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """Normalisation layers by type, and custom ones (``RMSNorm``, ``LlamaRMSNorm``...) by class name."""
-    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+    """Normalisation layers by type (``NORM_TYPES``), never by class name.
+
+    Example:
+        >>> class SurfaceNormalHead(nn.Linear): pass
+        >>> is_norm_layer(nn.BatchNorm1d(3)), is_norm_layer(nn.RMSNorm(3)), is_norm_layer(SurfaceNormalHead(2, 2))
+        (True, True, False)
+    """
+    return isinstance(module, NORM_TYPES)
 
 
-def is_default_parameter(module: nn.Module, param: Tensor) -> bool:
-    """The default rule for a parameter owned directly by ``module``."""
-    return param.requires_grad and param.ndim >= 2 and not is_norm_layer(module)
+def pruned_attrs(module: nn.Module) -> set[str]:
+    """Names of ``module``'s tensors reparametrised by ``torch.nn.utils.prune`` (``weight`` = ``weight_orig * weight_mask``)."""
+    hooks = module._forward_pre_hooks.values()
+    return {h._tensor_name for h in hooks if isinstance(h, BasePruningMethod)}
 
 
-def named_parameters_with_owner(model: nn.Module) -> list[tuple[str, nn.Module, Tensor]]:
-    """``(clean name, owning module, parameter)`` for each distinct parameter, in registration order."""
+def is_magnitude(module: nn.Module, attr: str) -> bool:
+    """Whether ``attr`` is a weight-norm magnitude ``g`` (``weight_g``, or a parametrisation's ``original0``)."""
+    if isinstance(module, ParametrizationList):
+        return attr == "original0" and isinstance(module[0], _WeightNorm)
+    hooks = module._forward_pre_hooks.values()
+    return any(isinstance(h, WeightNorm) and attr == f"{h.name}_g" for h in hooks)
+
+
+def named_parameters_with_owner(model: nn.Module) -> list[Owned]:
+    """:class:`Owned` rows for each distinct parameter, in registration order."""
     seen: set[int] = set()
     rows = []
     for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
+        pruned = pruned_attrs(module)
+        for attr, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            rows.append((clean_name(full), module, param))
+            if attr.endswith("_orig") and attr[: -len("_orig")] in pruned:
+                attr = attr[: -len("_orig")]
+            full = f"{module_name}.{attr}" if module_name else attr
+            rows.append(Owned(clean_name(full), module, attr, param))
     return rows
+
+
+def is_default_parameter(row: Owned) -> bool:
+    """The default rule: floating point or complex, ``ndim >= 2``, outside norm layers, no weight-norm magnitude."""
+    p = row.param
+    return (
+        not is_uninitialized(p) and (p.is_floating_point() or p.is_complex()) and p.ndim >= 2
+        and not is_norm_layer(row.module) and not is_magnitude(row.module, row.attr)
+    )
+
+
+def effective_tensor(row: Owned) -> Tensor | Masked:
+    """The tensor the module computes with: ``orig * mask`` for a pruned weight, else the parameter."""
+    if row.attr in pruned_attrs(row.module) and row.module._parameters.get(f"{row.attr}_orig") is row.param:
+        return Masked(row.param, getattr(row.module, f"{row.attr}_mask"))
+    return row.param
+
+
+def sparse_gradient_parameters(model: nn.Module) -> set[int]:
+    """Ids of the weights of ``Embedding``/``EmbeddingBag`` layers built with ``sparse=True``."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+
+
+def describe_selection(model: nn.Module, selected: Sequence[tuple[str, Tensor]], held: set[int]) -> str:
+    """A report of ``selected``: a count line, then one line per tensor with its shape and what it waits for.
+
+    ``held`` holds the ids of the parameters some optimizer holds. Lazy parameters are listed last.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.LazyLinear(1))
+        >>> _ = net[0].requires_grad_(False)
+        >>> print(describe_selection(net, select_parameters(net), held=set()))
+        1 tensors, 6 weights
+          0.weight  (3, 2)  (not yet trainable, in no optimizer yet)
+          lazy, decided once materialised: 1.weight, 1.bias
+    """
+    lines = [f"{len(selected)} tensors, {sum(p.numel() for _, p in selected if not is_uninitialized(p)):,} weights"]
+    for name, p in selected:
+        notes = [note for note, on in (("lazy: not materialised yet", is_uninitialized(p)),
+                                       ("not yet trainable", not p.requires_grad), ("in no optimizer yet", id(p) not in held)) if on]
+        shape = "" if is_uninitialized(p) else f"{tuple(p.shape)}"
+        lines.append(f"  {name}  {shape}" + (f"  ({', '.join(notes)})" if notes else ""))
+    lazy = [row.name for row in named_parameters_with_owner(model) if is_uninitialized(row.param)]
+    return "\n".join(lines + ([f"  lazy, decided once materialised: {', '.join(lazy)}"] if lazy else []))
 
 
 def _matching(names: Sequence[str], patterns: tuple[str, ...], argument: str) -> set[str]:
@@ -72,6 +154,29 @@ def _matching(names: Sequence[str], patterns: tuple[str, ...], argument: str) ->
     return matched
 
 
+def select_rows(
+    model: nn.Module, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None
+) -> list[Owned]:
+    """The :class:`Owned` rows of :func:`select_parameters`."""
+    include = check_patterns("include", include)
+    exclude = check_patterns("exclude", exclude)
+    rows = named_parameters_with_owner(model)
+    names = [row.name for row in rows]
+    excluded = _matching(names, exclude, "exclude") if exclude is not None else set()
+    if include is None:
+        chosen = {row.name for row in rows if is_default_parameter(row)}
+        undecided = [row.name for row in rows if is_uninitialized(row.param) and row.name not in excluded]
+    else:
+        chosen, undecided = _matching(names, include, "include"), []
+    chosen -= excluded
+    if not chosen and not undecided:
+        raise ValueError(
+            f"the selection is empty (include={None if include is None else list(include)}, "
+            f"exclude={None if exclude is None else list(exclude)}): no parameter would ever be affected"
+        )
+    return [row for row in rows if row.name in chosen]
+
+
 def select_parameters(
     model: nn.Module,
     include: Sequence[str] | str | None = None,
@@ -80,8 +185,9 @@ def select_parameters(
     """Return ``(name, parameter)`` pairs chosen by the default rule or ``include``, minus ``exclude``.
 
     Patterns are shell globs (``fnmatch``) matched against the whole clean name, e.g. ``"encoder.*"``,
-    ``"*.weight"``. A pattern that matches nothing, or a selection that ends up empty, raises
-    ``ValueError`` naming it: a typo must not silently switch the penalty off.
+    ``"*.weight"``. A pattern that matches nothing raises ``ValueError`` naming it: a typo must not
+    silently switch the penalty off. So does an empty selection, unless a lazy parameter that the
+    default rule may still select has yet to materialise.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1))
@@ -90,19 +196,4 @@ def select_parameters(
         >>> [name for name, _ in select_parameters(model, include=["*.bias"], exclude="2.*")]
         ['0.bias', '1.bias']
     """
-    include = check_patterns("include", include)
-    exclude = check_patterns("exclude", exclude)
-    rows = named_parameters_with_owner(model)
-    names = [name for name, _, _ in rows]
-    if include is None:
-        chosen = {name for name, module, param in rows if is_default_parameter(module, param)}
-    else:
-        chosen = _matching(names, include, "include")
-    if exclude is not None:
-        chosen -= _matching(names, exclude, "exclude")
-    if not chosen:
-        raise ValueError(
-            f"the selection is empty (include={list(include) if include else None}, "
-            f"exclude={list(exclude) if exclude else None}): no parameter would be affected"
-        )
-    return [(name, param) for name, _, param in rows if name in chosen]
+    return [(row.name, row.param) for row in select_rows(model, include, exclude)]

@@ -18,6 +18,7 @@ input channels). No temporary is larger than the largest tensor, no value crosse
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -30,6 +31,50 @@ ABS, SQ, ZEROS, NUMEL, NEAR, MAX, DEAD_ROWS, DEAD_COLS, ROWS, COLS = range(len(C
 #: The figures ``figures`` returns, in order; the last four exist only when their extra was asked for.
 FIGURES = ("l1", "l2", "sparsity", "near_zero", "linf", "dead_rows", "dead_cols")
 EXTRAS = ("near_zero", "linf", "structured")
+
+
+@dataclass(frozen=True)
+class Masked:
+    """``orig * mask``: a pruned layer's effective weight, formed only when its statistics are computed.
+
+    ``torch.nn.utils.prune`` keeps the parameter as ``weight_orig`` and the module computes with
+    ``weight_orig * weight_mask``; statistics of that product are what the model really uses. Forming
+    it one tensor at a time keeps the temporaries at the size of the largest tensor.
+
+    Example:
+        >>> m = Masked(torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, 1.0]]))
+        >>> m.shape, m.numel(), m.materialize()
+        (torch.Size([1, 2]), 2, tensor([[ 0., -2.]]))
+    """
+
+    orig: Tensor
+    mask: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.orig.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.orig.ndim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.orig.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.orig.device
+
+    def numel(self) -> int:
+        return self.orig.numel()
+
+    def materialize(self) -> Tensor:
+        return self.orig.detach() * self.mask
+
+
+def _plain(t: Tensor | Masked) -> Tensor | Masked:
+    return t if isinstance(t, Masked) else local_tensor(t).detach()  # a DTensor's own shard
 
 
 def _others(w: Tensor, dim: int) -> tuple[int, ...]:
@@ -76,9 +121,9 @@ def tensor_stats(
 
 
 def _table(
-    tensors: Sequence[Tensor], eps: float, near_zero: bool, linf: bool, structured: bool
+    tensors: Sequence[Tensor | Masked], eps: float, near_zero: bool, linf: bool, structured: bool
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor] | None]]:
-    plain = [local_tensor(t).detach() for t in tensors]  # a DTensor's own shard
+    plain = [_plain(t) for t in tensors]
     # One scratch buffer per dtype and device, as large as the largest tensor, shared by all: a fresh
     # buffer per tensor costs its page faults every time (10x the arithmetic on CPU).
     sizes: dict[tuple[torch.dtype, torch.device], int] = {}
@@ -86,8 +131,8 @@ def _table(
         sizes[w.dtype, w.device] = max(sizes.get((w.dtype, w.device), 0), w.numel())
     scratch = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
     stats = [
-        tensor_stats(w, eps=eps, near_zero=near_zero, linf=linf, structured=structured,
-                     scratch=scratch[w.dtype, w.device])
+        tensor_stats(w.materialize() if isinstance(w, Masked) else w, eps=eps, near_zero=near_zero, linf=linf,
+                     structured=structured, scratch=scratch[w.dtype, w.device])
         for w in plain
     ]
     sums = torch.stack([torch.stack(s) for s, _ in stats])
@@ -101,7 +146,7 @@ def _fill_groups(table: Tensor, i: int, rows: Tensor, cols: Tensor) -> None:
 
 
 def partial_sums(
-    tensors: Sequence[Tensor],
+    tensors: Sequence[Tensor | Masked],
     *,
     eps: float = 1e-8,
     near_zero: bool = False,
@@ -113,7 +158,8 @@ def partial_sums(
     Columns (``COLUMNS``): ``Σ|w|``, ``Σw²``, ``#(w == 0)``, ``numel``, ``#(|w| <= eps)``, ``max|w|``,
     ``#(all-zero rows)``, ``#(all-zero columns)``, ``rows``, ``cols``. Optional columns stay 0 unless
     asked for; rows/cols are 0 for tensors with ``ndim < 2``. A ``DTensor`` contributes its local
-    shard only: use ``reduce_partial_sums`` for the whole tensor.
+    shard only: use ``reduce_partial_sums`` for the whole tensor. A :class:`Masked` entry is measured as
+    ``orig * mask``.
 
     Example:
         >>> w = torch.tensor([[0.0, -3.0], [0.0, 4.0]])
@@ -221,7 +267,7 @@ def _global_groups(name: str, t: Tensor, rows: Tensor, cols: Tensor) -> list[Ten
 
 
 def reduce_partial_sums(
-    tensors: Sequence[Tensor],
+    tensors: Sequence[Tensor | Masked],
     names: Sequence[str] | None = None,
     *,
     eps: float = 1e-8,

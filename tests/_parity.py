@@ -67,7 +67,7 @@ class Snapshot(Callback):
             self.out["weights"] = {clean_name(n): global_value(p.detach()).clone() for n, p in named}
             self.out["local_numel"] = {clean_name(n): local_tensor(p).numel() for n, p in pl_module.named_parameters()}
         self.out["metrics"] = {k: float(v) for r in self.regs for k, v in r.metrics().items()}
-        self.out["names"] = [n for r in self.regs for t in r._targets for n in t.names]
+        self.out["names"] = [n for r in self.regs for n, _ in r.penalised()]
         self.out["steps_applied"] = [r.steps_applied for r in self.regs]
 
 

@@ -35,7 +35,7 @@ def test_compiled_submodule_names_and_training():
     reg = Regularizer(L1(0.5), include=["net.0.*", "net.3.weight"], exclude="net.0.bias")
     monitor = WeightMonitor(every_n_steps=1)
     compiled = _fit(model, reg, monitor)
-    assert [n for t in reg._targets for n in t.names] == NAMES
+    assert [n for n, _ in reg.penalised()] == NAMES
     assert {k for k in monitor.metrics() if k.endswith("/l1")} == {f"weights/{n}/l1" for n in NAMES}
     plain_reg = Regularizer(L1(0.5), include=["net.0.*", "net.3.weight"], exclude="net.0.bias")
     plain = _fit(TinyNet(), plain_reg)
@@ -49,7 +49,7 @@ def test_compiled_lightning_module_names():
     model = TinyNet()
     reg = Regularizer(L1(0.5), include=NAMES)
     _fit(torch.compile(model, backend="eager"), reg)
-    assert [n for t in reg._targets for n in t.names] == NAMES
+    assert [n for n, _ in reg.penalised()] == NAMES
     assert (model.net[0].weight == 0).any()  # the penalty reached the module that trained
 
 

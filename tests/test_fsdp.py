@@ -105,14 +105,16 @@ def _fsdp_worker(rank: int, log_dir) -> dict:
     reg = Regularizer(L1(0.1), include=["net.0.*", "net.3.weight"], exclude="net.0.bias")
     model = ShardedNet(lr=0.05)
     trainer(max_steps=1, callbacks=[reg], **_fsdp()).fit(model, loader(x, y, batch_size=N // 2))
-    out["names"] = [n for t in reg._targets for n in t.names]
+    out["names"] = [n for n, _ in reg.penalised()]
     # Elementwise penalties get the local shards (plain tensors); GroupLasso needs the DTensor's global shape.
     regs = [Regularizer(RecordingL1(0.1), include="net.0.weight"),
             Regularizer(RecordingGroupLasso(0.1), include="net.3.weight")]
     trainer(max_steps=1, callbacks=regs, **_fsdp()).fit(ShardedNet(lr=0.05), loader(x, y, batch_size=N // 2))
     out["operand_types"] = (sorted(RecordingL1.seen), sorted(RecordingGroupLasso.seen))
-    out["dtensor"] = [is_dtensor(p) for t in reg._targets for p in t.params]
-    out["bound_to_optimizer"] = all(any(p is q for q in t.group["params"]) for t in reg._targets for p in t.params)
+    out["dtensor"] = [is_dtensor(p) for _, p in reg.penalised()]
+    (optimizer,) = model.trainer.optimizers
+    held = [q for group in optimizer.param_groups for q in group["params"]]
+    out["bound_to_optimizer"] = all(any(p is q for q in held) for _, p in reg.penalised())
     return out
 
 

@@ -137,3 +137,32 @@ def test_proximal_skips_with_the_step(precision, device):
     if precision == "16-mixed":
         assert reg.steps_applied == STEPS - 1
         assert all(torch.equal(a, b) for a, b in zip(history.weights[SKIP - 1], history.weights[SKIP], strict=True))
+
+
+class EmbeddingNet(TinyNet):
+    """A 4000 x 64 embedding: Σ|w| ≈ 2e5 overflows a float16 sum (max 65504)."""
+
+    def __init__(self):
+        super().__init__(dtype=torch.float32)
+        self.embed = torch.nn.Embedding(4000, 64)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x) + self.embed.weight[:1, :1], y)
+
+
+def test_the_logged_penalty_of_a_float16_model_is_finite_and_right(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    model, logger = EmbeddingNet(), CSVLogger(tmp_path)
+    reg = Regularizer(L1(1e-4), include="embed.weight")
+    x, y = regression_data(n=N, dtype=torch.float32)
+    trainer(precision="16-true", max_steps=1, callbacks=[reg], logger=logger, log_every_n_steps=1).fit(
+        model, loader(x, y, batch_size=BATCH))
+    w = model.embed.weight
+    assert w.dtype == torch.float16 and not torch.isfinite(w.abs().sum())  # the float16 sum overflows
+    (row,) = [r for r in csv.DictReader(open(f"{logger.log_dir}/metrics.csv")) if r.get("reg/l1/penalty")]
+    expected = 1e-4 * w.double().abs().sum().item()  # float64 oracle, ≈ 20
+    assert float(row["reg/l1/penalty"]) == pytest.approx(expected, rel=1e-6)

@@ -9,7 +9,7 @@ from lightreg.selection import clean_name
 
 
 class MyRMSNorm(nn.Module):
-    """A custom norm layer, recognised by its class name."""
+    """A custom norm layer: an ordinary module to the default rule, left out with ``exclude``."""
 
     def __init__(self, d):
         super().__init__()
@@ -35,13 +35,19 @@ def names(pairs):
 
 
 def test_default_rule_takes_matrices_outside_norm_layers_only():
-    assert names(select_parameters(Net())) == ["embed.weight", "conv.weight", "fc.weight", "head.weight"]
+    # Frozen parameters are selected (penalised once they train); a custom norm layer needs exclude.
+    assert names(select_parameters(Net())) == [
+        "embed.weight", "conv.weight", "fc.weight", "rms.scale", "head.weight", "frozen.weight"
+    ]
+    assert "rms.scale" not in names(select_parameters(Net(), exclude="rms.*"))
 
 
 def test_include_replaces_the_rule_and_exclude_removes():
     net = Net()
     assert names(select_parameters(net, include=["fc.*", "head.bias"])) == ["fc.weight", "fc.bias", "head.bias"]
-    assert names(select_parameters(net, exclude=["embed.*"])) == ["conv.weight", "fc.weight", "head.weight"]
+    assert names(select_parameters(net, exclude=["embed.*", "rms.*", "frozen.*"])) == [
+        "conv.weight", "fc.weight", "head.weight"
+    ]
     assert names(select_parameters(net, include="*.bias", exclude=["bn.*", "ln.*", "frozen.*"])) == [
         "conv.bias", "fc.bias", "head.bias"
     ]
@@ -88,3 +94,48 @@ def test_an_empty_selection_is_an_error():
 def test_pattern_types_are_checked(bad):
     with pytest.raises(TypeError, match="include"):
         select_parameters(Net(), include=bad)
+
+
+class SurfaceNormalHead(nn.Linear):
+    """'Norm' in the name, not a normalisation layer."""
+
+
+class EnormousProjection(nn.Linear):
+    pass
+
+
+def test_norm_layers_are_decided_by_type_not_by_class_name():
+    from torch.nn.utils import parametrizations
+
+    net = nn.ModuleDict({
+        "surface": SurfaceNormalHead(3, 2), "enormous": EnormousProjection(3, 2),
+        "ln": nn.LayerNorm((2, 3)), "rms": nn.RMSNorm((2, 3)), "bn": nn.BatchNorm2d(3),
+        "gn": nn.GroupNorm(1, 3), "inorm": nn.InstanceNorm1d(3, affine=True),
+        "wn": parametrizations.weight_norm(nn.Linear(3, 2)),
+    })
+    with pytest.warns(FutureWarning):
+        net["old_wn"] = nn.utils.weight_norm(nn.Linear(3, 2))
+    # 2-D norm scales (ln, rms) and weight-norm magnitudes g (shape (2, 1)) are left out by type
+    assert names(select_parameters(net)) == [
+        "surface.weight", "enormous.weight", "wn.parametrizations.weight.original1", "old_wn.weight_v"
+    ]
+
+
+def test_integer_parameters_are_never_selected_by_default():
+    net = nn.Linear(3, 2)
+    net.codes = nn.Parameter(torch.zeros(2, 2, dtype=torch.long), requires_grad=False)
+    assert names(select_parameters(net)) == ["weight"]
+
+
+def test_lazy_parameters_are_decided_once_materialised():
+    net = nn.Sequential(nn.LazyLinear(2), nn.LayerNorm(2))
+    assert select_parameters(net) == []  # not an error: the lazy weight may still be selected
+    net(torch.zeros(1, 5))
+    assert [(n, tuple(p.shape)) for n, p in select_parameters(net)] == [("0.weight", (2, 5))]
+    with pytest.raises(ValueError, match="selection is empty"):
+        select_parameters(nn.Sequential(nn.LazyLinear(2)), exclude="0.*")
+
+
+def test_an_empty_include_is_refused():
+    with pytest.raises(ValueError, match=r"include=\[\] selects no parameter"):
+        select_parameters(Net(), include=[])

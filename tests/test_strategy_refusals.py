@@ -57,7 +57,7 @@ def test_regularizer_refuses_deepspeed_before_any_change():
 
     with pytest.raises(ValueError, match="DeepSpeedStrategy"):
         reg.on_fit_start(FakeTrainer(), model)
-    assert reg._targets == [] and reg._handles == []
+    assert reg.penalised() == [] and reg._handles == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
