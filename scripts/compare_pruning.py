@@ -130,14 +130,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against the reached sparsity, one panel per (model, optimizer), one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["model"], r["optimizer"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False, constrained_layout=True)
-    for ax, (model, optimizer) in zip(axes[0], panels, strict=True):
+    cols = min(len(panels), 2)
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n), squeeze=False, constrained_layout=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (model, optimizer) in zip(axes.flat, panels):
         for i, method in enumerate(METHODS):
             pts = [r for r in rows if (r["model"], r["optimizer"], r["method"]) == (model, optimizer, method)]
             if method == "dense":
@@ -168,6 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one torch thread each)")
     p.add_argument("--quick", action="store_true", help="a smoke run: mlp, adamw, target 0.8, 1 seed, 3 epochs")
     p.add_argument("--out", type=Path, default=Path("compare_pruning"), help="writes <out>.json and <out>.png")
+    p.add_argument("--replot", type=Path, default=None, help="redraw <out>.png and reprint the table from this JSON; no runs")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.optimizers, args.targets, args.seeds, args.epochs = "mlp", "adamw", "0.8", 1, 3
@@ -186,6 +192,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        print(format_table(result["rows"]))
+        plot(result["rows"], args.out.with_suffix(".png"))
+        return result
     configs = grid(args)
     start = time.perf_counter()
     if args.jobs > 1:
