@@ -53,13 +53,13 @@ def _squared_l2(w: Tensor) -> Tensor:
     return torch.linalg.vector_norm(w, ord=2, dtype=accumulation_dtype(w)).square()
 
 
-def soft_threshold_(w: Tensor, threshold: Step) -> Tensor:
-    """In place ``sign(w) * max(|w| - threshold, 0)``: exact zeros where ``|w| <= threshold``.
+def soft_threshold_(w: Tensor, threshold: Step, scale: float = 1.0) -> Tensor:
+    """In place ``sign(w) * max(|w| - scale * threshold, 0)``: exact zeros where ``|w| <= scale * threshold``.
 
     A float threshold uses ATen's ``softshrink`` written into ``w``: one read and one write of the
     tensor, the least an in-place update can cost. A per-coordinate threshold (a tensor) takes one
-    temporary of ``w``'s size. Some zeros may come out as ``-0.0``, which equals ``0`` in every
-    comparison and count.
+    temporary of ``w``'s size (``scale`` is folded in, so ``scale * threshold`` is never made). Some zeros
+    may come out as ``-0.0``, which equals ``0`` in every comparison and count.
 
     Example:
         >>> soft_threshold_(torch.tensor([3.0, -0.5, 1.0]), torch.tensor([1.0, 1.0, 2.0]))
@@ -67,9 +67,9 @@ def soft_threshold_(w: Tensor, threshold: Step) -> Tensor:
     """
     if not isinstance(threshold, Tensor):
         # Any finite |w| <= finfo.max, so thresholding at the dtype's max is exact where lr*alpha would overflow it.
-        threshold = min(threshold, torch.finfo(w.dtype).max)
+        threshold = min(threshold * scale, torch.finfo(w.dtype).max)
         return torch.ops.aten.softshrink.out(w, threshold, out=w)
-    return w.copy_(w.abs().sub_(threshold).clamp_(min=0.0).copysign_(w))
+    return w.copy_(w.abs().sub_(threshold, alpha=scale).clamp_(min=0.0).copysign_(w))
 
 
 def soft_threshold(w: Tensor, threshold: Step) -> Tensor:
@@ -126,7 +126,7 @@ class L1(Penalty):
         w.sub_(w.sign(), alpha=step * alpha)
 
     def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
-        soft_threshold_(w, step * alpha)
+        soft_threshold_(w, step, scale=alpha)
 
     def apply_prox_(self, params: Sequence[Tensor], steps: Step | Sequence[Step], alpha: float | None = None) -> None:
         alpha = self.alpha if alpha is None else alpha
@@ -271,5 +271,5 @@ class ElasticNet(Penalty):
     def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
         rho = self.l1_ratio
         if rho > 0.0:
-            soft_threshold_(w, step * (alpha * rho))
+            soft_threshold_(w, step, scale=alpha * rho)
         _scale_(w, step, alpha * (1.0 - rho))

@@ -166,14 +166,13 @@ class GroupLasso(Penalty):
             t_max = t.clone()
         t_max = complete_over_shards(t_max, w, dim, op="max")
         r = (group_sq(work).sqrt_() - lam * t_max).clamp_(min=0.0)
+        q = torch.empty_like(work)  # the one temporary, reused by every step
         for _ in range(NEWTON_STEPS):
-            q = torch.add(r.view(shape), t, alpha=lam)
-            q = torch.div(work, q, out=q)  # q_i = u_i / (r + λ t_i)
+            torch.div(work, torch.add(r.view(shape), t, alpha=lam, out=q), out=q)  # q_i = u_i / (r + λ t_i)
             s = group_sq(q)
             s3 = group_sum(q.pow_(3).div_(work).nan_to_num_(0.0))  # Σ u_i² / (r + λ t_i)³; 0 where u_i = 0
             r = r + (s.pow(1.5) - s) / s3
         r = torch.where(nonzero, r, torch.zeros_like(r)).view(shape)
-        factor = torch.add(r, t, alpha=lam)
-        work.mul_(torch.div(r, factor, out=factor))
+        work.mul_(torch.div(r, torch.add(r, t, alpha=lam, out=q), out=q))
         if work is not u:
             u.copy_(work)

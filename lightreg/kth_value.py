@@ -61,7 +61,7 @@ def _select(levels: Levels, rank: Callable[[int], int], dtype: torch.dtype, redu
     width = torch.finfo(dtype).bits
     prefix = remaining = 0
     for shift in range(width - DIGIT_BITS, -1, -DIGIT_BITS):
-        counts = _histogram(levels, dtype, shift, prefix, reduce).cumsum(0)
+        counts = _histogram(levels, dtype, shift, prefix, reduce).cumsum_(0)
         if prefix == 0 and shift == width - DIGIT_BITS:
             n = int(counts[-1])
             remaining = rank(n)
@@ -72,6 +72,7 @@ def _select(levels: Levels, rank: Callable[[int], int], dtype: torch.dtype, redu
         digit = int(torch.searchsorted(counts, torch.tensor(remaining, device=counts.device)))
         remaining -= int(counts[digit - 1]) if digit else 0
         prefix = (prefix << DIGIT_BITS) | digit
+        del counts  # before the next pass allocates its own
     return torch.tensor(prefix, dtype=_INT[dtype]).view(dtype).item()
 
 

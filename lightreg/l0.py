@@ -60,5 +60,6 @@ class L0(Penalty):
             # ATen's hardshrink is exactly "w if |w| > lambda else 0": one read and one write, no temporary.
             torch.ops.aten.hardshrink.out(w, math.sqrt(2.0 * step * alpha), out=w)
             return
-        # |w| > sqrt(2 t alpha)  <=>  w² / t > 2 alpha: one temporary, and the same expression as zero_levels.
-        w.masked_fill_(w.square().div_(step) <= 2.0 * alpha, 0.0)
+        # |w| > sqrt(2 t alpha)  <=>  w² / t > 2 alpha: the same expression as zero_levels. The comparison is
+        # written into the one temporary as 1.0 / 0.0, so w * it keeps survivors bit for bit.
+        w.mul_(w.square().div_(step).gt_(2.0 * alpha))

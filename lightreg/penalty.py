@@ -181,5 +181,8 @@ class Penalty:
                 for w in params:
                     self.prox_(w, float(steps), alpha)
             return
-        for w, step in zip(params, steps, strict=True):
-            self.prox_(w, step, alpha)
+        if len(steps) != len(params):
+            raise ValueError(f"steps has {len(steps)} entries for {len(params)} tensors")
+        for i, w in enumerate(params):
+            # Indexed, not zipped: a step computed on demand (LazySteps) is freed before the next one is made.
+            self.prox_(w, steps[i], alpha)

@@ -16,8 +16,8 @@ one line each: the level before the prox, the masks in the frozen phase, the che
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -141,12 +141,7 @@ class TargetSparsity:
             self.apply_masks_([(n, w) for names, ws, _ in work for n, w in zip(names, ws, strict=True)])
             return 0.0
         tensors = [w for _, ws, _ in work for w in ws]
-        counted = list(_counted(tensors, reduction))
-
-        def levels() -> Iterable[Tensor]:
-            pairs = ((w, s) for _, ws, steps in work for w, s in zip(ws, _each(steps)))
-            return (penalty.zero_levels(w, s) for (w, s), c in zip(pairs, counted, strict=True) if c)
-
+        levels = functools.partial(_zero_levels, penalty, work, list(_counted(tensors, reduction)))
         return self.level(step, levels, selection_dtype(tensors), reduction or _identity)
 
     def before_step(self, step: int, named: Callable[[], Sequence[tuple[str, Tensor]]]) -> None:
@@ -185,6 +180,12 @@ class TargetSparsity:
         self.masks = dict(state["masks"])
 
 
-def _each(steps: float | Sequence[Step]) -> Iterable[Step]:
-    """One step per tensor: ``steps`` itself, or the one float repeated."""
-    return itertools.repeat(steps) if isinstance(steps, (int, float)) else steps
+def _zero_levels(penalty: Penalty, work: Sequence[Work], counted: Sequence[bool]) -> Iterator[Tensor]:
+    """The zero levels of the counted tensors of ``work``, one tensor at a time: indexed, so that a step computed
+    on demand (``LazySteps``) is freed before the next one is made."""
+    k = 0
+    for _, ws, steps in work:
+        for i, w in enumerate(ws):
+            if counted[k]:
+                yield penalty.zero_levels(w, steps if isinstance(steps, (int, float)) else steps[i])
+            k += 1

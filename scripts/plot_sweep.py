@@ -4,6 +4,9 @@
     lightreg-train -m penalty=l1,elastic_net penalty.log10_alpha='range(-5,0,0.5)'
     python scripts/plot_sweep.py multirun/2026-01-01/12-00-00 -o sweep.png
 
+A sweep over target sparsities instead (``-m penalty=l1,l0 penalty.target_sparsity=0.5,0.8,0.9,0.95``) is drawn
+against the sparsity each job reached: the validation metric, and the reached against the requested sparsity.
+
 Reads every job's ``metrics.json`` and ``.hydra/config.yaml`` (and ``.hydra/hydra.yaml`` for the penalty
 choice) under the sweep directory. ``penalty=none`` jobs (no alpha) are drawn as a dashed baseline.
 Jobs that differ only in the seed are averaged, with their spread as error bars. The picture shows
@@ -48,10 +51,12 @@ def load_jobs(sweep_dir: Path) -> list[dict]:
         target = OmegaConf.select(cfg, "penalty._target_")
         penalty = choices.get("penalty") or (target.rsplit(".", 1)[-1].lower() if target else "none")
         alpha = OmegaConf.select(cfg, "penalty.alpha") if target else None
+        sparsity_target = OmegaConf.select(cfg, "penalty.target_sparsity", default=None) if target else None
         if target and OmegaConf.select(cfg, "penalty.l1_ratio") is not None and penalty == "elastic_net":
             penalty = f"elastic_net (l1_ratio={cfg.penalty.l1_ratio:g})"
         jobs.append({
             "dir": job_dir, "penalty": penalty, "alpha": None if alpha is None else float(alpha),
+            "target": None if sparsity_target is None else float(sparsity_target),
             "metrics": json.loads(metrics_file.read_text()),
             "data": choices.get("data", "?"), "model": choices.get("model", "?"),
         })
@@ -76,6 +81,45 @@ def curves(jobs: list[dict], key: str) -> dict[str, tuple[list[float], list[floa
         alphas = sorted(by_alpha)
         out[penalty] = (alphas, [mean(by_alpha[a]) for a in alphas], [pstdev(by_alpha[a]) for a in alphas])
     return out
+
+
+def target_curves(jobs: list[dict], key: str) -> dict[str, list[tuple[float, float, float, float, float]]]:
+    """Per penalty, per requested target: (target, mean reached sparsity, its spread, mean ``key``, its spread)."""
+    points: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for job in jobs:
+        if job["target"] is not None and key in job["metrics"] and SPARSITY in job["metrics"]:
+            points[job["penalty"]][job["target"]].append(job["metrics"])
+    out = {}
+    for penalty, by_target in sorted(points.items()):
+        out[penalty] = [(t, mean(m[SPARSITY] for m in ms), pstdev([m[SPARSITY] for m in ms]),
+                         mean(m[key] for m in ms), pstdev([m[key] for m in ms])) for t, ms in sorted(by_target.items())]
+    return out
+
+
+def plot_targets(jobs: list[dict], metric: str, output: Path) -> None:
+    """The metric against the sparsity each target reached, and the reached against the requested sparsity."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for i, (penalty, pts) in enumerate(target_curves(jobs, metric).items()):
+        targets, reached, reached_sd, values, values_sd = zip(*pts, strict=True)
+        axes[0].errorbar(reached, values, xerr=reached_sd if any(reached_sd) else None,
+                         yerr=values_sd if any(values_sd) else None, marker="o", ms=4, capsize=3, color=f"C{i}", label=penalty)
+        axes[1].plot(targets, reached, marker="o", ms=4, color=f"C{i}", label=penalty)
+    base = baseline(jobs, metric)
+    if base is not None:
+        axes[0].axhline(base, color="gray", ls="--", lw=1, label="no penalty")
+    axes[1].plot([0, 1], [0, 1], color="gray", ls=":", lw=1, label="reached = requested")
+    axes[0].set_xlabel("global sparsity reached (fraction of exact zeros)")
+    axes[0].set_ylabel(f"{metric} (validation)")
+    axes[1].set_xlabel("target sparsity requested")
+    axes[1].set_ylabel("global sparsity reached")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    data, model = sorted({j["data"] for j in jobs}), sorted({j["model"] for j in jobs})
+    fig.suptitle(f"Sweep over target sparsity: model={','.join(model)}, data={','.join(data)} ({len(jobs)} runs)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
 
 
 def baseline(jobs: list[dict], key: str) -> float | None:
@@ -123,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     if not [j for j in jobs if j["alpha"] is not None]:
         parser.error(f"no finished job with a penalty (metrics.json + .hydra/config.yaml) under {args.sweep_dir}")
     metric = pick_metric(jobs, args.metric)
+    if any(j["target"] is not None for j in jobs):
+        print(f"{'penalty':<32} {'target':>7} {metric:>10} {'sparsity':>9}")
+        for job in sorted(jobs, key=lambda j: (j["penalty"], j["target"] or 0.0)):
+            m, target = job["metrics"], "-" if job["target"] is None else f"{job['target']:g}"
+            print(f"{job['penalty']:<32} {target:>7} {m.get(metric, float('nan')):>10.4f} {m.get(SPARSITY, float('nan')):>9.3f}")
+        plot_targets(jobs, metric, args.output)
+        print(f"wrote {args.output}")
+        return 0
     print(f"{'penalty':<32} {'alpha':>10} {metric:>10} {'sparsity':>9}")
     for job in sorted(jobs, key=lambda j: (j["penalty"], j["alpha"] or 0.0)):
         m = job["metrics"]

@@ -103,6 +103,31 @@ def test_two_job_multirun_with_wandb_and_the_sweep_plot(tmp_path):
                                                   ("0.1", pytest.approx(sparsity[1], abs=1e-3))]
 
 
+@pytest.mark.slow
+def test_a_sweep_over_target_sparsity_reaches_each_target_and_is_drawn_against_sparsity(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = lightreg_train("-m", "model=mlp", "model.optimizer=adamw", "model.lr=0.01", "penalty=l0,l1",
+                            "penalty.target_sparsity=0.5,0.9", "logger=none", "monitor.extras=[]",
+                            f"hydra.sweep.dir={sweep}", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4
+    for job in jobs:
+        cfg, metrics = OmegaConf.load(job / ".hydra" / "config.yaml"), json.loads((job / "metrics.json").read_text())
+        name = cfg.penalty._target_.rsplit(".", 1)[-1].lower()
+        assert metrics[f"reg/{name}/target"] == cfg.penalty.target_sparsity
+        # The head is selected too: the global figure of the monitor is the Regularizer's.
+        assert metrics[f"reg/{name}/sparsity"] == pytest.approx(cfg.penalty.target_sparsity, abs=1e-3)
+        assert metrics["weights/global/sparsity"] == pytest.approx(metrics[f"reg/{name}/sparsity"], abs=1e-6)
+    png = tmp_path / "targets.png"
+    plot = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"), str(sweep), "-o", str(png)],
+                          capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0, plot.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    rows = [line.split() for line in plot.stdout.splitlines() if line.startswith(("l0 ", "l1 "))]
+    assert sorted((r[0], r[1]) for r in rows) == [("l0", "0.5"), ("l0", "0.9"), ("l1", "0.5"), ("l1", "0.9")]
+
+
 @pytest.fixture
 def fresh_hydra():
     """Run ``@hydra.main`` in this process, then undo its global state so later tests (Lightning's launchers

@@ -80,7 +80,8 @@ def test_penalty_options(option):
     if option == "none":
         assert regularizer is None
         return
-    cls = {"l1": lightreg.L1, "l2": lightreg.L2, "elastic_net": lightreg.ElasticNet, "group_lasso": lightreg.GroupLasso}
+    cls = {"l1": lightreg.L1, "l2": lightreg.L2, "elastic_net": lightreg.ElasticNet, "group_lasso": lightreg.GroupLasso,
+           "l0": lightreg.L0}
     assert isinstance(regularizer, lightreg.Regularizer)
     assert type(regularizer.penalty) is cls[option]
     assert regularizer.mode == "proximal" and regularizer.include is None and regularizer.schedule is None
@@ -93,6 +94,15 @@ def test_penalty_fields_reach_the_regularizer():
     assert reg.penalty == lightreg.ElasticNet(0.25, l1_ratio=0.3)
     assert (reg.mode, reg.exclude) == ("gradient", ("net.6.*",))
     assert isinstance(reg.schedule, lightreg.LinearWarmup) and reg.schedule.warmup_steps == 7
+
+
+def test_target_sparsity_fields_reach_the_regularizer():
+    cfg = compose_cfg("penalty=l0", "penalty.target_sparsity=0.9", "penalty.target_ramp=[0,0.5]", "penalty.target_debias=0.25")
+    reg = build.build_regularizer(cfg.penalty)
+    assert reg._target.target == 0.9 and list(reg._target.ramp) == [0, 0.5] and reg._target.debias == 0.25
+    assert reg.preconditioned and build.build_regularizer(compose_cfg("penalty=l1").penalty)._target is None
+    cfg = compose_cfg("penalty=l1", "penalty.preconditioned=false")
+    assert not build.build_regularizer(cfg.penalty).preconditioned
 
 
 @pytest.mark.parametrize("option, log10_alpha, alpha",

@@ -20,7 +20,8 @@ from lightreg import Regularizer, select_parameters
 from lightreg.app.config import ConfigError, RunContext
 from lightreg.app.data import TabularData
 
-REGULARIZER_KEYS = ("mode", "include", "exclude", "schedule", "name")
+REGULARIZER_KEYS = ("mode", "include", "exclude", "schedule", "name", "preconditioned", "target_sparsity", "target_ramp",
+                    "target_debias")
 TRAINER_KEYS = ("accelerator", "devices", "num_nodes")
 
 
@@ -40,17 +41,21 @@ def build_model(cfg: DictConfig, data: TabularData) -> pl.LightningModule:
 
 
 def build_regularizer(node: DictConfig | None) -> Regularizer | None:
-    """``Regularizer(penalty, mode, include, exclude, schedule)`` from a ``penalty`` node; ``None`` for ``penalty=none``.
+    """``Regularizer(penalty, mode, include, exclude, schedule, ...)`` from a ``penalty`` node; ``None`` for
+    ``penalty=none``. Keys left at ``null`` take the ``Regularizer``'s defaults.
 
     Example:
         >>> build_regularizer(OmegaConf.create({"_target_": "lightreg.L1", "alpha": 0.1, "mode": "gradient"}))
         Regularizer(L1(alpha=0.1), mode='gradient', include=None, exclude=None, schedule=None, name='l1')
+        >>> build_regularizer(OmegaConf.create({"_target_": "lightreg.L0", "alpha": 0.0, "target_sparsity": 0.9}))
+        Regularizer(L0(alpha=0.0), mode='proximal', include=None, exclude=None, schedule=None, name='l0', target_sparsity=0.9)
     """
     if node is None or node.get("_target_") is None:
         return None
     kwargs = _container(node)
     kwargs.pop("log10_alpha", None)  # already folded into alpha by the lightreg.alpha resolver
     reg_kwargs = {k: kwargs.pop(k) for k in REGULARIZER_KEYS if k in kwargs}
+    reg_kwargs = {k: v for k, v in reg_kwargs.items() if v is not None}  # null: the Regularizer's default
     if reg_kwargs.get("schedule") is not None:
         reg_kwargs["schedule"] = instantiate(reg_kwargs["schedule"])
     return Regularizer(instantiate(kwargs), **reg_kwargs)
