@@ -9,9 +9,10 @@ plain tensors, local shards included, and takes the cross-rank part from here:
   sit in the whole tensor (:meth:`ShardReduction.place`), and the ``all_reduce`` itself;
 * a separable penalty (``Penalty.separable``: ``L1``, ``L2``, ``ElasticNet``, ``L0``) gets each shard
   alone (:func:`local_tensor`); its values and zero counts add up across ranks through the same reduction;
-* ``GroupLasso`` sums over groups that may span shards: :func:`complete_over_shards` finishes such a
-  sum, :func:`replicate` resolves a *partial* ``DTensor`` norm (``sum_g sqrt(sum_r x_rg)`` is not
-  ``sqrt(sum_r sum_g x_rg)``), :func:`local_groups` slices per-group factors for this rank's shard.
+* ``GroupLasso``, not separable, gets the ``DTensor`` and sums over groups that may span shards:
+  :func:`complete_over_shards` finishes such a sum, :func:`owns_slices` says which rank reports a
+  completed group, :func:`replicate` resolves a *partial* ``DTensor`` norm (``sum_g sqrt(sum_r x_rg)`` is
+  not ``sqrt(sum_r sum_g x_rg)``), :func:`local_groups` slices per-group factors for this rank's shard.
 
 Reading a value on the host needs every rank to take part: every function here that reduces is a
 collective, to be called by all ranks in the same order.
@@ -123,6 +124,23 @@ def complete_over_shards(v: Tensor, w: Tensor, keep_dim: int | None, op: str = "
         if placement.is_shard() and placement.dim != keep_dim:  # type: ignore[attr-defined]
             dist.all_reduce(v, reduce_op, group=w.device_mesh.get_group(mesh_dim))
     return v
+
+
+def owns_slices(w: Tensor, dim: int) -> bool:
+    """Whether this rank reports the slices of its shard of ``w`` along ``dim`` (``GroupLasso``'s groups) in a
+    sum over the ranks, once :func:`complete_over_shards` has completed them: always, unless ``w`` is sharded
+    along another dimension than ``dim`` (then every rank of that mesh dimension holds the same completed
+    slices) and this rank is not the first of it.
+
+    Example:
+        >>> owns_slices(torch.zeros(2, 3), dim=0)
+        True
+    """
+    if not is_dtensor(w):
+        return True
+    coordinate = w.device_mesh.get_coordinate() or []
+    return all(not (p.is_shard() and p.dim != dim) or coordinate[i] == 0  # type: ignore[attr-defined]
+               for i, p in enumerate(w.placements))
 
 
 # ---- sums over ranks of figures of local shards -----------------------------------------------------
