@@ -14,11 +14,11 @@ from lightreg._checks import check_int, check_patterns, check_real, check_tensor
 from lightreg.binding import is_uninitialized
 from lightreg.distributed import is_dtensor, local_shards, shard_reduction
 from lightreg.histogram import histograms
-from lightreg.strategies import check_fit
 from lightreg.loggers import log_scalars, wandb_loggers
 from lightreg.selection import Owned, effective_tensor, select_rows
-from lightreg.step_hooks import StepHooks
 from lightreg.statistics import EXTRAS, Masked, figure_names, figures, global_sparsity, partial_sums
+from lightreg.step_hooks import StepHooks
+from lightreg.strategies import check_fit
 
 
 def check_extras(extras: object) -> tuple[str, ...]:

@@ -14,13 +14,13 @@ from torch import Tensor
 from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns, check_regularizer
 from lightreg.binding import Binding, is_uninitialized, unwrap
 from lightreg.distributed import is_dtensor, local_tensor, shard_reduction, sum_values
-from lightreg.strategies import check_fit
 from lightreg.loggers import is_log_step, log_scalars
 from lightreg.penalty import Penalty, Step
 from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, warn_unknown_adaptive
 from lightreg.schedules import scheduled_factor
-from lightreg.step_hooks import StepHooks
 from lightreg.selection import describe_selection, select_parameters, sparse_gradient_parameters
+from lightreg.step_hooks import StepHooks
+from lightreg.strategies import check_fit
 from lightreg.target import TargetSparsity, Work
 from lightreg.target_window import Point
 
