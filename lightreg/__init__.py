@@ -12,6 +12,8 @@ from lightreg.regularizer import Regularizer
 from lightreg.report import print_report, sparsity_report
 from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow
 from lightreg.selection import select_parameters
+from lightreg.shrink import shrink
+from lightreg.shrink_table import ShrinkReport, ShrinkRow, print_shrink_report, shrink_report
 
 __all__ = [
     "L1",
@@ -22,10 +24,15 @@ __all__ = [
     "LinearWarmup",
     "Penalty",
     "Regularizer",
+    "ShrinkReport",
+    "ShrinkRow",
     "StepWindow",
     "WeightMonitor",
     "print_report",
+    "print_shrink_report",
     "select_parameters",
+    "shrink",
+    "shrink_report",
     "sparsity_report",
 ]
 
