@@ -4,6 +4,7 @@ The core (penalties, selection, schedules, statistics) is plain tensor code; the
 Lightning hooks to it. Hydra and W&B are used only by the app (``lightreg.app``) and optional extras.
 """
 
+from lightreg.freeze_zeros import FreezeZeros
 from lightreg.group_lasso import GroupLasso
 from lightreg.monitor import WeightMonitor
 from lightreg.penalties import L1, L2, ElasticNet
@@ -20,6 +21,7 @@ __all__ = [
     "L2",
     "CosineSchedule",
     "ElasticNet",
+    "FreezeZeros",
     "GroupLasso",
     "LinearWarmup",
     "Penalty",
