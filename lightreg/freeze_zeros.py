@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightreg._checks import check_patterns
+from lightreg._checks import check_int, check_patterns
 from lightreg.distributed import is_dtensor
 from lightreg.selection import named_parameters_with_owner, select_parameters
 
@@ -30,13 +30,16 @@ from lightreg.selection import named_parameters_with_owner, select_parameters
 class FreezeZeros(Callback):
     """Keep every entry that is exactly zero in the selected parameters at zero, through any optimizer.
 
-    The pattern is recorded at the first fit start (or by ``record(module)`` before it), and kept by
-    later fits with this instance and in checkpoints (its ``state_dict``): a resumed run freezes the same
-    entries. To let them train again, leave the callback out of the next fit, or call ``release()``.
+    The pattern is recorded at the first fit start, or at optimizer step ``start_step`` of the fit (prune,
+    then fine-tune in one run: a penalty on until that step, ``StepWindow(end=start_step)``), or by
+    ``record(module)`` beforehand. It is kept by later fits with this instance and in checkpoints (its
+    ``state_dict``): a resumed run freezes the same entries. To let them train again, leave the callback
+    out of the next fit, or call ``release()``.
 
     Args:
         include: glob(s) on parameter names; replaces the default rule (``ndim >= 2``, no norm layers).
         exclude: glob(s) removed from the selection.
+        start_step: the ``trainer.global_step`` at which to record the pattern and start holding it.
         name: the checkpoint key; give stacked instances distinct names.
 
     Example:
@@ -51,19 +54,23 @@ class FreezeZeros(Callback):
         self,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
+        start_step: int = 0,
         name: str = "freeze_zeros",
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
+        self.start_step = check_int("start_step", start_step, low=0)
         self.name = name
         self.masks: dict[str, Tensor] = {}
         self._pairs: list[tuple[Tensor, Tensor]] = []
         self._handles: list[Any] = []
+        self._waiting = False
 
     def __repr__(self) -> str:
-        return f"FreezeZeros(include={self.include!r}, exclude={self.exclude!r}, name={self.name!r})"
+        return (f"FreezeZeros(include={self.include!r}, exclude={self.exclude!r}, start_step={self.start_step}, "
+                f"name={self.name!r})")
 
     @property
     def state_key(self) -> str:
@@ -83,17 +90,19 @@ class FreezeZeros(Callback):
         """Forget the pattern and stop acting, from the next step on; the next fit records afresh."""
         self._remove_hooks()
         self.masks = {}
+        self._waiting = False
 
     # ---- Lightning hooks ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.masks:
-            self.record(pl_module)
-        self._remove_hooks()
-        self._pairs = self._bind(pl_module)
-        self.zero_weights()  # a pattern loaded from elsewhere holds from the first step
-        self._handles = [opt.register_step_post_hook(self._post_step_hook) for opt in trainer.optimizers]
-        total = sum(self.frozen.values())
-        rank_zero_info(f"FreezeZeros {self.name!r}: {total:,} entries held at zero in {len(self.masks)} tensors")
+        select_parameters(pl_module, self.include, self.exclude)  # a typo fails now, not at start_step
+        self._waiting = not self.masks and trainer.global_step < self.start_step
+        if not self._waiting:
+            self._start(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._waiting and trainer.global_step >= self.start_step:
+            self._waiting = False
+            self._start(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self.mask_gradients()
@@ -122,6 +131,17 @@ class FreezeZeros(Callback):
             param.masked_fill_(mask, 0.0)
 
     # ---- helpers ----------------------------------------------------------------------------------
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.masks:
+            self.record(pl_module)
+        self._remove_hooks()
+        self._pairs = self._bind(pl_module)
+        self.zero_weights()  # a pattern loaded from elsewhere holds from the first step
+        self._handles = [opt.register_step_post_hook(self._post_step_hook) for opt in trainer.optimizers]
+        total = sum(self.frozen.values())
+        rank_zero_info(f"FreezeZeros {self.name!r} from step {trainer.global_step}: {total:,} entries held at zero "
+                       f"in {len(self.masks)} tensors")
+
     def _bind(self, pl_module: nn.Module) -> list[tuple[Tensor, Tensor]]:
         params = {name: param for name, _, param in named_parameters_with_owner(pl_module)}
         pairs = []

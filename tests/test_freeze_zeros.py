@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightreg import FreezeZeros
+from lightreg import L1, FreezeZeros, Regularizer, StepWindow
 
 STEPS = 100
 OPTIMIZERS = {
@@ -149,6 +149,32 @@ def test_left_out_or_released_it_lets_the_entries_train():
     assert torch.count_nonzero(model.get_parameter("net.0.weight").view(-1)[idx]) == len(idx)
     freeze.release()
     assert freeze.masks == {} and freeze._pairs == []
+
+
+class ZerosAt(pl.Callback):
+    """The test's own record: the zero positions of net.0.weight when a batch starts at ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.zeros = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            self.zeros = (pl_module.net[0].weight == 0).nonzero().tolist()
+
+
+def test_prune_then_fine_tune_in_one_fit():
+    """L1 (proximal) for the first 40 steps, then FreezeZeros(start_step=40): the zeros of step 40 hold to the end."""
+    model = Net("sgd")
+    zeros_at_start = with_zeros(model)["net.0.weight"]
+    seen, freeze = ZerosAt(40), FreezeZeros(include="net.0.weight", start_step=40)
+    prune = Regularizer(L1(0.1), include="net.0.weight", schedule=StepWindow(end=40))
+    fit(model, [prune, seen, freeze], steps=70)
+    w = model.net[0].weight
+    assert seen.zeros and freeze.frozen == {"net.0.weight": len(seen.zeros)}
+    assert sorted(map(list, freeze.masks["net.0.weight"].nonzero().tolist())) == sorted(seen.zeros)
+    assert all(w[i, j] == 0 for i, j in seen.zeros)
+    revived = set(map(int, zeros_at_start)) - {i * 6 + j for i, j in seen.zeros}
+    assert revived  # not frozen before step 40: zeros of the start that the gradient moved stay free
 
 
 def test_a_mask_that_does_not_fit_the_model_is_refused_by_name():
