@@ -17,7 +17,7 @@ from lightreg.distributed import check_model, check_strategy, local_tensor, sum_
 from lightreg.emit import is_log_step, log_scalars
 from lightreg.penalty import Penalty
 from lightreg.schedules import scheduled_factor
-from lightreg.selection import select_parameters
+from lightreg.selection import named_parameters_with_owner, select_parameters
 
 MODES = ("gradient", "decoupled", "proximal")
 
@@ -52,6 +52,22 @@ def bind_to_optimizers(
     if missing:
         raise ValueError(f"selected parameters {missing} are in no optimizer param group, so no step would penalise them")
     return targets
+
+
+def with_biases(penalty: Penalty, model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """``selected`` plus the bias of each selected weight's module, when the penalty's groups take biases in
+    (``GroupLasso(with_bias=True)``, which is handed the ``(weight, bias)`` pairs); else ``selected`` unchanged.
+
+    The bias counts as selected with its weight: it must be in an optimizer, and the penalty moves it
+    together with the weight, at the weight's step.
+    """
+    if not getattr(penalty, "with_bias", False):
+        return list(selected)
+    rows = {id(p): (name, owner) for name, owner, p in named_parameters_with_owner(model)}
+    chosen = {id(p) for _, p in selected}
+    pairs = [(w, rows[id(w)][1].bias) for _, w in selected if isinstance(getattr(rows[id(w)][1], "bias", None), Tensor)]
+    penalty.pair_biases(pairs)  # type: ignore[attr-defined]
+    return list(selected) + [(rows[id(b)][0], b) for _, b in pairs if id(b) not in chosen]
 
 
 def _lr(group: dict[str, Any]) -> float:
@@ -141,7 +157,7 @@ class Regularizer(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_strategy(trainer.strategy, f"Regularizer {self.name!r}")
         check_model(pl_module, f"Regularizer {self.name!r}")
-        selected = self.select(pl_module)
+        selected = with_biases(self.penalty, pl_module, self.select(pl_module))
         for name, param in selected:
             self.penalty.check_tensor(name, param)
         self._targets = bind_to_optimizers(trainer.optimizers, selected)
