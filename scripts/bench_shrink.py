@@ -40,11 +40,11 @@ def models(quick: bool) -> dict[str, dict[str, Any]]:
     common = dict(task="classification", in_features=64, num_outputs=10, input_shape=(1, 8, 8), optimizer="sgd",
                   momentum=0.9)
     width, channels, epochs = (32, 4, 1) if quick else (256, 16, 30)
-    alpha = 3e-2 if quick else 3e-3  # quick: strong enough to cut units after one epoch; the CNN takes 2e-2
+    mlp_alpha, cnn_alpha = (0.05, 0.1) if quick else (3e-3, 2e-2)  # quick: strong enough to cut after one epoch
     mlp = dict(build=lambda: MLP(depth=2, width=width, lr=0.1, **common), include=["net.0.weight", "net.3.weight"],
-               alpha=alpha, epochs=epochs, with_bias=False)
+               alpha=mlp_alpha, epochs=epochs, with_bias=False)
     cnn = dict(build=lambda: CNN(channels=channels, lr=0.05, **common), include=["net.1.weight", "net.3.weight"],
-               alpha=alpha if quick else 2e-2, epochs=epochs, with_bias=False)
+               alpha=cnn_alpha, epochs=epochs, with_bias=False)
     return {"mlp": mlp, "cnn": cnn, "cnn, with_bias": {**cnn, "with_bias": True}}
 
 
