@@ -41,9 +41,9 @@ def test_shrink_writes_a_smaller_model_with_the_same_outputs(tmp_path, capsys):
 
     zero_rows = int((state["net.0.weight"] == 0).all(dim=1).sum())
     assert zero_rows > 0  # the row group lasso killed units, and shrink cut at least those
-    rows = {row["name"]: row for row in report["rows"]}
-    assert rows["0"]["units_before"] - rows["0"]["units_after"] >= zero_rows
-    assert rows["0"]["units_after"] == small[0].out_features and rows["6"]["units_after"] == 10
+    rows = {row["name"]: row for row in report["rows"]}  # named as the parameters: net.0, net.3, net.6
+    assert rows["net.0"]["units_before"] - rows["net.0"]["units_after"] >= zero_rows
+    assert rows["net.0"]["units_after"] == small[0].out_features and rows["net.6"]["units_after"] == 10
     assert metrics["shrink/params_before"] == report["params_before"] == sum(v.numel() for k, v in state.items() if k.startswith("net."))
     assert metrics["shrink/params_after"] == report["params_after"] == sum(p.numel() for p in small.parameters())
     assert report["params_after"] < report["params_before"]

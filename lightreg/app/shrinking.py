@@ -15,6 +15,7 @@ without autocast; under mixed precision compare it with the original at that pre
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -61,7 +62,8 @@ def shrink_run(model: pl.LightningModule, data: Any, ctx: RunContext, *, report:
 
     model = model.cpu().eval()
     small = shrink(model.net)
-    result = shrink_report(small)
+    rows = tuple(replace(row, name=f"net.{row.name}") for row in shrink_report(small).rows)  # the parameter names
+    result = replace(shrink_report(small), rows=rows)
     loader = data.test_dataloader()
     _, original = evaluate(model, model.net, loader)
     shrunk_metrics, shrunk = evaluate(model, small, loader)
