@@ -180,7 +180,7 @@ class GroupLasso(Penalty):
         self._pair_scale_(w, b, ((step * alpha * scale) / norms).neg_().add_(1.0).clamp_(min=0.0))
 
     def _pair_add_gradient_(self, g: Tensor, w: Tensor, b: Tensor, alpha: float) -> None:
-        dw, db = self.pair_gradient(w, b, alpha)
-        g.add_(dw)
-        if b.grad is not None:
-            b.grad.add_(db)
+        coef = self._pair_coefficient(w, b, alpha)
+        g.addcmul_(w, coef.view(-1, *[1] * (w.ndim - 1)))
+        if b.grad is not None:  # a frozen bias takes no gradient step; its weight still sees the joint norm
+            b.grad.addcmul_(b, coef)

@@ -59,7 +59,7 @@ def with_biases(penalty: Penalty, model: torch.nn.Module, selected: Sequence[tup
     (``GroupLasso(with_bias=True)``, which is handed the ``(weight, bias)`` pairs); else ``selected`` unchanged.
 
     The bias counts as selected with its weight: it must be in an optimizer, and the penalty moves it
-    together with the weight, at the weight's step.
+    together with the weight, at the weight's step. A weight whose module has no bias keeps plain row groups.
     """
     if not getattr(penalty, "with_bias", False):
         return list(selected)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -52,8 +53,6 @@ def draw_feature_map(weight: Tensor, path: str | Path, shape: Sequence[int] = DI
     fig = Figure(figsize=(3.6, 3.4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    import numpy as np
-
     image = ax.imshow(np.ma.masked_where(~used.numpy(), norms), cmap="viridis", vmin=0.0)
     image.cmap.set_bad("white")
     for i, j in (~used).nonzero().tolist():
