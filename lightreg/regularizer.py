@@ -15,6 +15,7 @@ from lightreg._checks import ParameterChecks, check_distinct_names, check_patter
 from lightreg.binding import Binding, is_uninitialized, unwrap
 from lightreg.distributed import is_dtensor, local_tensor, shard_reduction, sum_values
 from lightreg.loggers import is_log_step, log_scalars
+from lightreg.group_lasso import with_biases
 from lightreg.penalty import Penalty, Step
 from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, warn_unknown_adaptive
 from lightreg.schedules import scheduled_factor
@@ -130,6 +131,9 @@ class Regularizer(Callback):
         """
         return select_parameters(pl_module, self.include, self.exclude)
 
+    def _selection(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
+        return with_biases(self.penalty, pl_module, self.select(pl_module))  # GroupLasso(with_bias=True)
+
     def current_alpha(self, step: int) -> float:
         """``alpha * schedule(step)``: the strength used at optimizer step ``step`` (0-based)."""
         return self.penalty.alpha * scheduled_factor(self.schedule, step)
@@ -233,9 +237,12 @@ class Regularizer(Callback):
         parameter, computed when read) when it is a known adaptive optimizer and ``preconditioned``; else the
         param group's ``lr`` (one float for all of them)."""
         if self.preconditioned and is_preconditioned(optimizer):
-            return LazySteps(step_rule(optimizer, group), params)
-        if self.preconditioned and optimizer.state and id(optimizer) not in self._checked_optimizers:
-            self._checked_optimizers.add(id(optimizer))  # once per optimizer, after its first step
+            if not getattr(self.penalty, "with_bias", False):
+                return LazySteps(step_rule(optimizer, group), params)
+            self._warn_once(optimizer, f"{self.penalty!r} joins each bias to its unit, whose prox has no per-coordinate "
+                            f"form: it takes the plain lr of {type(optimizer).__name__}")
+        elif self.preconditioned and optimizer.state and id(optimizer) not in self._checked_optimizers:
+            self._checked_optimizers.add(id(optimizer))  # looked at once, after its first step
             warn_unknown_adaptive(optimizer, f"Regularizer {self.name!r}", rank_zero_warn)
         return _lr(group)
 
@@ -253,13 +260,13 @@ class Regularizer(Callback):
     # ---- helpers ----------------------------------------------------------------------------
     def _bind(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
         """Check the selection, bind it to the optimizers as they step, and make the step hooks; return it."""
-        selected = self.select(pl_module)
+        selected = self._selection(pl_module)
         sparse = sparse_gradient_parameters(pl_module) if self.mode == "gradient" else set()
         warn = rank_zero_warn if self.penalty.l2_part else None
         checks = ParameterChecks(f"Regularizer {self.name!r}", self.penalty.check_tensor, sparse, warn)
         for name, param in selected:
             checks.parameter(name, param)
-        self._binding = Binding(lambda: self.select(pl_module), checks.groups)
+        self._binding = Binding(lambda: self._selection(pl_module), checks.groups)
         # The binding resolves a new optimizer before it is hooked, so its refusals come before any step.
         pre = ([self._pre_step_hook] if self.mode != "proximal" else []) + ([self._freeze_hook] if self._target else [])
         self._hooks = StepHooks(post=[self._post_step_hook], pre=pre, on_new=self._binding.groups)
@@ -294,6 +301,11 @@ class Regularizer(Callback):
             self.apply_proximal(optimizer, self.alpha)
         self.steps_applied += bool(self._binding.groups(optimizer))
         self._stepped = True
+
+    def _warn_once(self, optimizer: torch.optim.Optimizer, message: str) -> None:
+        if id(optimizer) not in self._checked_optimizers:
+            self._checked_optimizers.add(id(optimizer))
+            rank_zero_warn(f"Regularizer {self.name!r}: {message}")
 
     def _report_selection(self, pl_module: pl.LightningModule, selected: Sequence[tuple[str, Tensor]]) -> None:
         held = {id(p) for _, p in self.penalised()}

@@ -97,6 +97,18 @@ def test_check_model_refuses_flat_and_deepspeed_parameters():
         check_model(model, "WeightMonitor")
 
 
+def test_freeze_zeros_refuses_deepspeed_before_any_change():
+    from lightreg import FreezeZeros
+
+    model = TinyNet()
+    before = [p.detach().clone() for p in model.parameters()]
+    freeze = FreezeZeros()
+    with pytest.raises(ValueError, match=r"FreezeZeros 'freeze_zeros' does not support DeepSpeedStrategy \(ZeRO stage 2\)"):
+        freeze.on_fit_start(type("FakeTrainer", (), {"strategy": _deepspeed(2)})(), model)
+    assert freeze.masks == {} and freeze._hooks.handles == []
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_monitor_refuses_flat_shards_and_accepts_what_it_can_read():
     """One rule for both callbacks: the monitor only reads weights, so ZeRO stages 1-2 (whole weights) pass."""
     from lightreg.strategies import check_fit
