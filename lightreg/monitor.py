@@ -94,7 +94,7 @@ class WeightMonitor(Callback):
         self._module: pl.LightningModule | None = None
         self._sharded = False
         self._stepped = False
-        self._hooks = StepHooks(post=[self._post_step_hook])
+        self._hooks = StepHooks()
         self._wandb: Any = None
 
     def __repr__(self) -> str:
@@ -157,6 +157,7 @@ class WeightMonitor(Callback):
 
             self._wandb = wandb_extras
         self._hooks.remove()
+        self._hooks = StepHooks(post=[self._post_step_hook])  # the hook as the instance has it now
         self._hooks.hook_all(trainer.optimizers)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
