@@ -16,6 +16,7 @@ from lightreg._checks import ParameterChecks, check_distinct_names, check_patter
 from lightreg.binding import Binding, is_uninitialized
 from lightreg.distributed import check_model, check_strategy, is_dtensor, local_tensor, sum_values
 from lightreg.emit import is_log_step, log_scalars
+from lightreg.group_lasso import with_biases
 from lightreg.penalty import Penalty, Step
 from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, unknown_adaptive_state
 from lightreg.schedules import scheduled_factor
@@ -118,6 +119,8 @@ class Regularizer(Callback):
                                  f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso), got {penalty!r} in mode={mode!r}")
             if schedule is not None:
                 raise ValueError(f"target_sparsity sets alpha at every step; it takes no schedule, got {schedule!r}")
+        if getattr(penalty, "with_bias", False) and target_sparsity is not None:
+            raise ValueError(f"{penalty!r} takes no target_sparsity (its zero levels ignore the bias), got {target_sparsity!r}")
         self.penalty, self.mode, self.schedule = penalty, mode, schedule
         self.preconditioned = preconditioned
         self.include = check_patterns("include", include)
@@ -156,6 +159,9 @@ class Regularizer(Callback):
         """
         return select_parameters(pl_module, self.include, self.exclude)
 
+    def _selection(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
+        return with_biases(self.penalty, pl_module, self.select(pl_module))  # GroupLasso(with_bias=True)
+
     def current_alpha(self, step: int) -> float:
         """``alpha * schedule(step)``: the strength used at optimizer step ``step`` (0-based)."""
         return self.penalty.alpha * scheduled_factor(self.schedule, step)
@@ -173,14 +179,14 @@ class Regularizer(Callback):
         check_strategy(trainer.strategy, f"Regularizer {self.name!r}")
         check_model(pl_module, f"Regularizer {self.name!r}")
         self.alpha = self.current_alpha(trainer.global_step)
-        selected = self.select(pl_module)
+        selected = self._selection(pl_module)
         sparse = sparse_gradient_parameters(pl_module) if self.mode == "gradient" else set()
         warn = rank_zero_warn if self.penalty.l2_part else None
         checks = ParameterChecks(f"Regularizer {self.name!r}", self.penalty.check_tensor, sparse, warn)
         for name, param in selected:
             checks.parameter(name, param)
         self._trainer, self._optimizers = trainer, {}
-        self._binding = Binding(lambda: self.select(pl_module), checks.groups)
+        self._binding = Binding(lambda: self._selection(pl_module), checks.groups)
         # A grad scaler calls optimizer.step after backward and only when the step is not skipped: there the
         # pre-step hook is the decoupled step's place; otherwise the closure's backward runs inside the step.
         self._decay_in_pre_hook = getattr(trainer.precision_plugin, "scaler", None) is not None
@@ -278,7 +284,11 @@ class Regularizer(Callback):
         parameter, computed when read) when it is a known adaptive optimizer and ``preconditioned``; else the
         param group's ``lr`` (one float for all of them)."""
         if self.preconditioned and is_preconditioned(optimizer):
-            return LazySteps(step_rule(optimizer, group), params)
+            if not getattr(self.penalty, "with_bias", False):
+                return LazySteps(step_rule(optimizer, group), params)
+            self._warn_once(optimizer, f"{self.penalty!r} joins each bias to its unit, whose prox has no per-coordinate "
+                            f"form: it takes the plain lr of {type(optimizer).__name__}")
+            return _lr(group)
         self._warn_unknown_adaptive(optimizer)
         return _lr(group)
 
@@ -356,13 +366,15 @@ class Regularizer(Callback):
         self._stepped = True
 
     def _warn_unknown_adaptive(self, optimizer: torch.optim.Optimizer) -> None:
-        if id(optimizer) in self._checked_optimizers or not optimizer.state:
-            return
-        self._checked_optimizers.add(id(optimizer))
-        keys = unknown_adaptive_state(optimizer)
-        if keys and self.preconditioned:
-            rank_zero_warn(f"Regularizer {self.name!r}: {type(optimizer).__name__} keeps per-coordinate state {keys} but its "
-                           "step is not known to lightreg; the prox uses the plain lr (override Regularizer.prox_steps).")
+        keys = unknown_adaptive_state(optimizer) if optimizer.state and self.preconditioned else None
+        if keys:
+            self._warn_once(optimizer, f"{type(optimizer).__name__} keeps per-coordinate state {keys} but its step is "
+                            "not known to lightreg; the prox uses the plain lr (override Regularizer.prox_steps).")
+
+    def _warn_once(self, optimizer: torch.optim.Optimizer, message: str) -> None:
+        if id(optimizer) not in self._checked_optimizers:
+            self._checked_optimizers.add(id(optimizer))
+            rank_zero_warn(f"Regularizer {self.name!r}: {message}")
 
     def _report_selection(self, pl_module: pl.LightningModule, selected: Sequence[tuple[str, Tensor]]) -> None:
         held = {id(p) for _, p in self.penalised()}

@@ -189,9 +189,13 @@ def test_experiment_options(option):
         "lasso_diabetes": ("diabetes", models.Linear, lightreg.L1(0.1)),
         "sparse_mlp_digits": ("digits", models.MLP, lightreg.L1(3e-3)),
         "group_lasso_features": ("synthetic", models.Linear, lightreg.GroupLasso(0.1, dim=1)),
+        "feature_selection_digits": ("digits", models.MLP, lightreg.GroupLasso(0.05, dim=1)),
     }[option]
     assert (data.name, type(model), reg.penalty) == expected
     reg.select(model)  # include/exclude globs name real parameters
+    if option == "feature_selection_digits":  # prune, then hold the pruned pixels from the step the penalty stops
+        (freeze,) = [cb for cb in build.build_callbacks(cfg, RunContext(Path(".")), reg) if isinstance(cb, lightreg.FreezeZeros)]
+        assert freeze.start_step == reg.schedule.end == 510 and freeze.include == ("net.0.weight",)
 
 
 @pytest.mark.parametrize("option", options("hparams_search"))

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightreg import Regularizer, select_parameters
 from lightreg.app.config import ConfigError, RunContext
 from lightreg.app.data import TabularData
+from lightreg.app.feature_map import FeatureMap
 
 REGULARIZER_KEYS = ("mode", "include", "exclude", "schedule", "name", "preconditioned", "target_sparsity", "target_ramp",
                     "target_debias")
@@ -99,6 +100,10 @@ def build_callbacks(cfg: DictConfig, ctx: RunContext, regularizer: Regularizer |
             # overwrites it at every epoch end, so it always holds the weights metrics.json describes.
             callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
                                              save_on_train_epoch_end=True, enable_version_counter=False))
+    if cfg.get("freeze_zeros") is not None and cfg.freeze_zeros.get("_target_"):
+        callbacks.append(instantiate(cfg.freeze_zeros))
+    if cfg.data.get("name") == "digits":  # which pixels the first layer still reads, drawn at fit end
+        callbacks.append(FeatureMap(ctx.output_dir / "feature_map.png"))
     if cfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.get("progress_refresh_rate", 5)))
     return callbacks

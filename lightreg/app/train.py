@@ -38,6 +38,7 @@ from lightreg.app.build import (
     trainer_kwargs,
 )
 from lightreg.app.config import ConfigError, RunContext, config_dir, register_resolvers
+from lightreg.app.shrinking import check_shrink, shrink_run
 from lightreg.app.tracking import abort_wandb, build_logger, finish_wandb, log_config
 from lightreg.emit import to_floats
 from lightreg.report import overall_sparsity
@@ -112,6 +113,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     except MisconfigurationException as err:  # e.g. a GPU strategy on a machine without one
         raise ConfigError(f"strategy={ctx.choices.get('strategy', '?')} (accelerator={kwargs.get('accelerator')}): {err}") from err
     check_launch(trainer, ctx)
+    check_shrink(cfg, trainer)
     log_config(logger, cfg)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
@@ -123,6 +125,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     if trainer.is_global_zero:
         if cfg.report:
             print_report(rows, title=f"Weight sparsity ({ctx.name})")
+        if cfg.get("shrink"):
+            metrics.update(shrink_run(model, data, ctx, report=cfg.report))
         write_json_atomic(ctx.output_dir / "metrics.json", metrics)
         message = finish_wandb(logger, metrics)
         print(f"metrics: {ctx.output_dir / 'metrics.json'}" + (f"\n{message}" if message else ""))
