@@ -18,7 +18,7 @@ from lightreg.distributed import check_model, check_strategy, is_dtensor, local_
 from lightreg.emit import is_log_step, log_scalars
 from lightreg.group_lasso import with_biases
 from lightreg.penalty import Penalty, Step
-from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, unknown_adaptive_state
+from lightreg.preconditioner import LazySteps, is_preconditioned, scalar_step, step_formula, step_rule, unknown_adaptive_state
 from lightreg.schedules import scheduled_factor
 from lightreg.selection import describe_selection, select_parameters, sparse_gradient_parameters
 from lightreg.target import Point, TargetSparsity, levels_reduce, selection_dtype, zero_fraction
@@ -290,7 +290,7 @@ class Regularizer(Callback):
                             f"form: it takes the plain lr of {type(optimizer).__name__}")
             return _lr(group)
         self._warn_unknown_adaptive(optimizer)
-        return _lr(group)
+        return scalar_step(optimizer, group) if self.preconditioned else _lr(group)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Tensor | float]:
