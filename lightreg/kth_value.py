@@ -34,23 +34,22 @@ def _identity(hist: Tensor) -> Tensor:
 def _histogram(levels: Levels, dtype: torch.dtype, shift: int, prefix: int, reduce: Reduce) -> Tensor:
     """Counts of digit ``(bits >> shift) & 0xFFFF`` among values whose higher bits equal ``prefix``."""
     hist: Tensor | None = None
-    lo, hi = prefix << (shift + DIGIT_BITS), (prefix + 1) << (shift + DIGIT_BITS)
     width = torch.finfo(dtype).bits
+    lo = prefix << (shift + DIGIT_BITS)
     for x in levels():
         bits = x.detach().to(dtype).reshape(-1).view(_INT[dtype])  # x is a fresh temporary: reuse it
         bits = bits.bitwise_and_((1 << (width - 1)) - 1)  # -0.0 and +0.0 alike
-        outside = None
-        if shift + DIGIT_BITS < width:
-            outside = (bits < lo).logical_or_(bits >= hi)
-        digits = bits.bitwise_right_shift_(shift).bitwise_and_(BINS - 1)
-        if outside is not None:
-            digits.masked_fill_(outside, BINS)  # an extra bin, dropped
+        # (bits - lo) >> shift is the digit for the values under the prefix, negative below it, >= BINS above it.
+        digits = bits.sub_(lo).bitwise_right_shift_(shift)
+        if shift + DIGIT_BITS < width:  # after the first digit: values outside the prefix go to an extra bin, dropped
+            digits.masked_fill_(digits < 0, BINS).clamp_(max=BINS)
         if hist is None:
             hist = torch.zeros(BINS + 1, dtype=torch.int64, device=x.device)
         if x.device.type == "cpu":  # bincount is faster on CPU; on an accelerator it syncs to size its output
             hist += torch.bincount(digits, minlength=BINS + 1)
         else:
             hist.index_add_(0, digits, torch.ones((), dtype=torch.int64, device=x.device).expand(len(digits)))
+        del x, bits, digits  # before the generator makes the next tensor's levels
     if hist is None:
         hist = torch.zeros(BINS + 1, dtype=torch.int64)
     return reduce(hist)[:BINS]

@@ -18,6 +18,9 @@ RAdam          ``lr * rect * sqrt(1 - beta2^step) / (sqrt(exp_avg_sq) + eps)`` o
 RMSprop        ``lr / ((sqrt(square_avg - grad_avg²) + eps) * (1 - momentum))`` (``grad_avg = 0`` unless
                ``centered``): with momentum the buffer settles at ``g / (avg * (1 - momentum))``
 Adagrad        ``clr / (sqrt(sum) + eps)``, ``clr = lr / (1 + (step - 1) * lr_decay)``
+SGD            ``lr * (1 - dampening) / (1 - momentum)`` (a float): the momentum buffer settles at
+               ``(1 - dampening) * g / (1 - momentum)``, so with the plain ``lr`` the fixed points would be
+               those of ``loss + (1 - momentum) * R``; nesterov settles at the same step
 any other      ``lr`` (a float)
 =============  ===========================================================================================
 
@@ -181,7 +184,10 @@ def step_formula(optimizer: torch.optim.Optimizer, preconditioned: bool = True) 
         'SGD: lr'
     """
     name = type(unwrap(optimizer)).__name__
-    return f"{name}: {FORMULAS[name] if preconditioned and is_preconditioned(optimizer) else 'lr'}"
+    if preconditioned and is_preconditioned(optimizer):
+        return f"{name}: {FORMULAS[name]}"
+    momentum = preconditioned and name == "SGD" and any(g.get("momentum", 0.0) for g in unwrap(optimizer).param_groups)
+    return f"{name}: {'lr * (1 - dampening) / (1 - momentum)' if momentum else 'lr'}"
 
 
 def step_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
@@ -204,6 +210,24 @@ def step_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRu
         return lambda p: lr
     rule = make(optimizer, group)
     return lambda p: rule(p) if optimizer.state.get(p) else lr
+
+
+def scalar_step(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
+    """The one step every coordinate of ``group`` took, for optimizers without a per-coordinate one.
+
+    SGD with momentum ``mu`` (and ``dampening``) moves a parameter by ``lr * (1 - dampening) / (1 - mu)`` per
+    unit of a steady gradient; any other optimizer by ``lr``.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+        >>> round(scalar_step(opt, opt.param_groups[0]), 12)
+        1.0
+    """
+    lr = float(group["lr"])
+    if type(unwrap(optimizer)) is torch.optim.SGD and group.get("momentum", 0.0):
+        return lr * (1.0 - float(group.get("dampening", 0.0))) / (1.0 - float(group["momentum"]))
+    return lr
 
 
 def unknown_adaptive_state(optimizer: torch.optim.Optimizer) -> list[str]:

@@ -17,7 +17,7 @@ from lightreg.distributed import is_dtensor, local_tensor, shard_reduction, sum_
 from lightreg.loggers import is_log_step, log_scalars
 from lightreg.group_lasso import with_biases
 from lightreg.penalty import Penalty, Step
-from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, warn_unknown_adaptive
+from lightreg.preconditioner import LazySteps, is_preconditioned, scalar_step, step_formula, step_rule, warn_unknown_adaptive
 from lightreg.schedules import scheduled_factor
 from lightreg.selection import describe_selection, select_parameters, sparse_gradient_parameters
 from lightreg.step_hooks import StepHooks
@@ -241,10 +241,11 @@ class Regularizer(Callback):
                 return LazySteps(step_rule(optimizer, group), params)
             self._warn_once(optimizer, f"{self.penalty!r} joins each bias to its unit, whose prox has no per-coordinate "
                             f"form: it takes the plain lr of {type(optimizer).__name__}")
-        elif self.preconditioned and optimizer.state and id(optimizer) not in self._checked_optimizers:
+            return _lr(group)
+        if self.preconditioned and optimizer.state and id(optimizer) not in self._checked_optimizers:
             self._checked_optimizers.add(id(optimizer))  # looked at once, after its first step
             warn_unknown_adaptive(optimizer, f"Regularizer {self.name!r}", rank_zero_warn)
-        return _lr(group)
+        return scalar_step(optimizer, group) if self.preconditioned else _lr(group)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Tensor | float]:

@@ -99,11 +99,25 @@ def test_every_supported_optimizer_reaches_the_lasso(diabetes, optimizer, lr, kw
     assert_reaches(w.detach().numpy(), sklearn_optimum(Lasso(alpha=0.05), x, y))
 
 
-def test_sgd_keeps_the_plain_lr_bit_for_bit():
+@pytest.mark.parametrize("kwargs", [{"momentum": 0.9}, {"momentum": 0.8, "nesterov": True}, {"momentum": 0.5, "dampening": 0.3}],
+                         ids=["heavy_ball", "nesterov", "dampened"])
+def test_sgd_with_momentum_reaches_the_lasso_not_a_weaker_one(diabetes, kwargs):
+    """Momentum moves a weight by lr (1 - dampening) / (1 - momentum) per unit of steady gradient: the prox takes
+    that step, so the fixed point is Lasso(alpha). With the plain lr it is Lasso((1 - momentum) alpha / (1 - dampening))."""
+    x, y = diabetes
+    factor = (1 - kwargs.get("dampening", 0.0)) / (1 - kwargs["momentum"])
+    ours = fit_full_batch(x, y, Regularizer(L1(0.05)), optimizer=torch.optim.SGD, lr=0.05, steps=1500, **kwargs)
+    assert_reaches(ours, sklearn_optimum(Lasso(alpha=0.05), x, y))
+    plain = fit_full_batch(x, y, Regularizer(L1(0.05), preconditioned=False), optimizer=torch.optim.SGD, lr=0.05,
+                           steps=1500, **kwargs)
+    assert_reaches(plain, sklearn_optimum(Lasso(alpha=0.05 / factor), x, y))
+
+
+def test_sgd_without_momentum_keeps_the_plain_lr_bit_for_bit():
     x, y = regression_data()
     runs = []
     for preconditioned in (True, False):
-        model = TinyNet(optimizer_kwargs={"momentum": 0.9})
+        model = TinyNet()
         trainer(callbacks=[Regularizer(L1(0.05), preconditioned=preconditioned)], max_epochs=2).fit(model, loader(x, y, 16))
         runs.append(model)
     for p, q in zip(runs[0].parameters(), runs[1].parameters()):

@@ -167,7 +167,7 @@ def test_prune_then_fine_tune_in_one_fit():
     model = Net("sgd")
     zeros_at_start = with_zeros(model)["net.0.weight"]
     seen, freeze = ZerosAt(40), FreezeZeros(include="net.0.weight", start_step=40)
-    prune = Regularizer(L1(0.1), include="net.0.weight", schedule=StepWindow(end=40))
+    prune = Regularizer(L1(0.01), include="net.0.weight", schedule=StepWindow(end=40))
     fit(model, [prune, seen, freeze], steps=70)
     w = model.net[0].weight
     assert seen.zeros and freeze.frozen == {"net.0.weight": len(seen.zeros)}

@@ -140,9 +140,9 @@ def hand_written_accumulation(penalty, mode):
                     rho = penalty.l1_ratio
                     w.sub_(LR * penalty.alpha * (rho * w.sign() + (1 - rho) * w))
             opt.step()
-            if mode == "proximal":
+            if mode == "proximal":  # momentum 0.9 moves a weight by LR / (1 - 0.9) per unit of steady gradient
                 for w in selected:
-                    w.copy_(explicit_prox(penalty, w, LR))
+                    w.copy_(explicit_prox(penalty, w, LR / (1 - 0.9)))
     return model
 
 

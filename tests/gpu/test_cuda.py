@@ -94,3 +94,27 @@ def test_deepspeed_refused_on_gpu(strategy):
     with pytest.raises(ValueError, match=r"DeepSpeedStrategy \(ZeRO stage [23]\)"):
         trainer(accelerator="gpu", devices=1, strategy=strategy, max_steps=1,
                 callbacks=[Regularizer(L1(0.1))]).fit(TinyNet(dtype=torch.float32), loader(x, y))
+
+
+@pytest.mark.parametrize("kwargs", [{"capturable": True}, {"fused": True}, {"foreach": True}],
+                         ids=["capturable", "fused", "foreach"])
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RAdam, torch.optim.NAdam])
+def test_per_coordinate_step_with_the_step_count_on_the_gpu(cls, kwargs):
+    """capturable/fused keep `step` on the GPU: the rule computes the bias correction there, and equals the CPU rule."""
+    from lightreg.preconditioner import step_rule
+
+    if "fused" in kwargs and cls in (torch.optim.RAdam, torch.optim.NAdam):
+        pytest.skip(f"{cls.__name__} has no fused implementation")
+    if "capturable" in kwargs and cls is torch.optim.Adagrad:
+        pytest.skip("Adagrad has no capturable flag")
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(64, 32, generator=g) for _ in range(7)]
+    steps = []
+    for device, extra in (("cpu", {}), ("cuda", kwargs)):
+        p = torch.nn.Parameter(torch.ones(64, 32, device=device))
+        opt = cls([p], lr=0.01, **extra)
+        for grad in grads:
+            p.grad = grad.to(device)
+            opt.step()
+        steps.append(torch.as_tensor(step_rule(opt, opt.param_groups[0])(p)).expand_as(p).cpu())
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-5, atol=0)
