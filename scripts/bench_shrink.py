@@ -40,7 +40,7 @@ def models(quick: bool) -> dict[str, dict[str, Any]]:
     common = dict(task="classification", in_features=64, num_outputs=10, input_shape=(1, 8, 8), optimizer="sgd",
                   momentum=0.9)
     width, channels, epochs = (32, 4, 1) if quick else (256, 16, 30)
-    mlp_alpha, cnn_alpha = (0.05, 0.1) if quick else (3e-3, 2e-2)  # quick: strong enough to cut after one epoch
+    mlp_alpha, cnn_alpha = (5e-3, 1e-2) if quick else (3e-4, 2e-3)  # quick: strong enough to cut after one epoch
     mlp = dict(build=lambda: MLP(depth=2, width=width, lr=0.1, **common), include=["net.0.weight", "net.3.weight"],
                alpha=mlp_alpha, epochs=epochs, with_bias=False)
     cnn = dict(build=lambda: CNN(channels=channels, lr=0.05, **common), include=["net.1.weight", "net.3.weight"],

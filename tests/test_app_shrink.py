@@ -17,7 +17,7 @@ from tests.test_app_run import compose_cfg
 
 
 def test_shrink_writes_a_smaller_model_with_the_same_outputs(tmp_path, capsys):
-    cfg = compose_cfg("model=mlp", "data=digits", "penalty=group_lasso", "penalty.dim=0", "penalty.alpha=0.03",
+    cfg = compose_cfg("model=mlp", "data=digits", "penalty=group_lasso", "penalty.dim=0", "penalty.alpha=0.003",
                       "penalty.exclude=[net.6.weight]", "trainer.max_epochs=2", "logger=none", "progress_bar=false",
                       "shrink=true")
     metrics = run(cfg, RunContext(output_dir=tmp_path))

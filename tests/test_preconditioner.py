@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightreg import preconditioner
-from lightreg.preconditioner import LazySteps, is_preconditioned, step_formula, step_rule, unknown_adaptive_state
+from lightreg.preconditioner import LazySteps, is_preconditioned, scalar_step, step_formula, step_rule, unknown_adaptive_state
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +188,10 @@ class MyAdam(torch.optim.Adam):
 def test_other_optimizers_get_the_plain_lr_and_unknown_adaptive_ones_are_named():
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)
-    for opt, adaptive in [(torch.optim.SGD([p], lr=0.1, momentum=0.9), []), (torch.optim.Adamax([p], lr=0.1), ["exp_inf"]),
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.2)
+    assert scalar_step(sgd, sgd.param_groups[0]) == pytest.approx(0.1 * 0.8 / 0.1, rel=1e-15)
+    assert step_formula(sgd) == "SGD: lr * (1 - dampening) / (1 - momentum)"
+    for opt, adaptive in [(torch.optim.SGD([p], lr=0.1), []), (torch.optim.Adamax([p], lr=0.1), ["exp_inf"]),
                           (MyAdam([p], lr=0.1), ["exp_avg_sq"]), (torch.optim.Adadelta([p], lr=0.1), ["square_avg", "acc_delta"])]:
         opt.step()
         assert step_rule(opt, opt.param_groups[0])(p) == 0.1
