@@ -17,7 +17,8 @@ from lightreg.statistics import COLUMNS, partial_sums, reduce_partial_sums
 from lightreg.wandb_extras import histograms
 from tests._spawn import run_on_ranks
 from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer
-from tests.test_monitor import CountingMonitor, read_csv, weight_rows
+from tests._readers import read_csv
+from tests.test_monitor import CountingMonitor, weight_rows
 
 pytestmark = pytest.mark.slow
 
