@@ -91,6 +91,7 @@ def test_quick_run_end_to_end(bench, tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| l1/proximal |" in proc.stdout and "| target | met | measured |" in proc.stdout
+    assert "USDT" not in proc.stdout + proc.stderr  # the profiler's start/stop lines are silenced
     result = json.loads(out.read_text())
     rows = result["models"]["mlp"]["configs"]
     expected = {"none", "floor", "hand_l1_in_loss", "adam_weight_decay", "adamw"}
