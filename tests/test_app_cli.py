@@ -201,9 +201,19 @@ def test_ddp_spawn_multirun_and_fsdp2_popen_end_to_end_agree(tmp_path):
     assert ddp_run.stdout.count("Launching 1 jobs locally") == 1  # the sweep ran once, not once per rank
     assert "reg/elastic_net/penalty" in wandb_run(sweep / "0")["history"]
     out = tmp_path / "fsdp2"
-    fsdp_run = lightreg_train("strategy=fsdp2_cpu", "logger=csv", f"hydra.run.dir={out}", *FAST)
+    with_progress = [arg for arg in FAST if arg != "progress_bar=false"]
+    fsdp_run = lightreg_train("strategy=fsdp2_cpu", "logger=csv", f"hydra.run.dir={out}", *with_progress)
     assert fsdp_run.returncode == 0, fsdp_run.stderr[-3000:]
     assert (out / "train_ddp_process_1.log").is_file()  # rank 1 re-ran the same single job, not a sweep
+    # What a run prints off a terminal: the selection, a line per epoch, the table, where the results are; no noise.
+    for run in (ddp_run, fsdp_run):
+        printed = run.stdout + run.stderr
+        for noise in ("Tip:", "anonymous", "log_every_n_steps", "it/s]", "Run history", "INFO: "):
+            assert noise not in printed, noise
+        assert max(map(len, printed.splitlines())) <= 200
+    assert [line.split()[0] for line in fsdp_run.stdout.splitlines() if line.startswith("epoch=")] == ["epoch=0", "epoch=1"]
+    log = (out / "train.log").read_text()  # the same lines, with times, in the run's log file
+    assert "Regularizer 'elastic_net'" in log and "epoch=1 step=6" in log and f"metrics: {out / 'metrics.json'}" in log
     ddp, fsdp2 = (json.loads((d / "metrics.json").read_text()) for d in (sweep / "0", out))
     assert ddp["trainer/global_step"] == 6.0  # 2 epochs x 3 batches, each rank on its half of every batch
     assert ddp["weights/global/sparsity"] > 0
