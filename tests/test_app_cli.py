@@ -152,7 +152,7 @@ def test_the_app_without_its_extra_says_what_to_install():
     code = "import sys; sys.modules['hydra'] = None; from lightreg.app.cli import main; main()"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=app_env(), timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("lightreg-train: error: the app needs hydra, which is not installed: "
+    assert result.stderr.strip() == ("lightreg-train: error: the app needs packages that are not installed (hydra): "
                                      "pip install 'lightreg[app]'")
 
 

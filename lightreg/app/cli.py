@@ -90,7 +90,7 @@ def main() -> None:
     """The ``lightreg-train`` console script and ``python -m lightreg``."""
     missing = missing_app_packages()
     if missing:
-        fail(f"the app needs {', '.join(missing)}, which is not installed: pip install 'lightreg[app]'")
+        fail(f"the app needs packages that are not installed ({', '.join(missing)}): pip install 'lightreg[app]'")
     import hydra
 
     from lightreg.app.config import config_dir, register_resolvers
