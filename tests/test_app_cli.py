@@ -192,26 +192,30 @@ def test_sigterm_stops_a_run_and_a_sweep_with_status_143(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_spawn_multirun_and_fsdp2_popen_end_to_end_agree(tmp_path):
-    """Two launchers, two strategies, one answer: DDP started by spawn from inside a sweep job (W&B logging from
-    rank 0) and FSDP2 started by re-running the command line (popen), both 2 CPU processes."""
-    sweep = tmp_path / "ddp"
-    ddp_run = lightreg_train("-m", "strategy=ddp_cpu", "strategy.start_method=spawn", f"hydra.sweep.dir={sweep}", *FAST)
-    assert ddp_run.returncode == 0, ddp_run.stderr[-3000:]
-    assert ddp_run.stdout.count("Launching 1 jobs locally") == 1  # the sweep ran once, not once per rank
-    assert "reg/elastic_net/penalty" in wandb_run(sweep / "0")["history"]
-    out = tmp_path / "fsdp2"
+def test_ddp_spawn_multirun_and_fsdp2_popen_end_to_end_agree(tmp_path, monkeypatch, capfd, fresh_hydra):
+    """Two launchers, two strategies, one answer: FSDP2 started by re-running the command line (popen, a user's
+    process), and, meanwhile, DDP started by spawn from inside a sweep job (in this process; W&B logging from the
+    spawned rank 0). Both 2 CPU processes."""
+    out, sweep = tmp_path / "fsdp2", tmp_path / "ddp"
     with_progress = [arg for arg in FAST if arg != "progress_bar=false"]
-    fsdp_run = lightreg_train("strategy=fsdp2_cpu", "logger=csv", f"hydra.run.dir={out}", *with_progress)
-    assert fsdp_run.returncode == 0, fsdp_run.stderr[-3000:]
+    fsdp_run = subprocess.Popen([*COMMAND, "strategy=fsdp2_cpu", "logger=csv", f"hydra.run.dir={out}", *with_progress],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=app_env())
+    try:
+        status = run_main(["-m", "strategy=ddp_cpu", "strategy.start_method=spawn", f"hydra.sweep.dir={sweep}", *FAST,
+                           *NO_LOGGING], monkeypatch)
+        stdout, stderr = fsdp_run.communicate(timeout=300)
+    finally:
+        fsdp_run.kill()
+    assert status == 0, capfd.readouterr().err[-3000:]
+    assert [p.name for p in sweep.iterdir() if p.is_dir()] == ["0"]  # one job, one W&B run: not re-run per rank
+    assert "reg/elastic_net/penalty" in wandb_run(sweep / "0")["history"]
+    assert fsdp_run.returncode == 0, stderr[-3000:]
     assert (out / "train_ddp_process_1.log").is_file()  # rank 1 re-ran the same single job, not a sweep
     # What a run prints off a terminal: the selection, a line per epoch, the table, where the results are; no noise.
-    for run in (ddp_run, fsdp_run):
-        printed = run.stdout + run.stderr
-        for noise in ("Tip:", "anonymous", "log_every_n_steps", "it/s]", "Run history", "INFO: "):
-            assert noise not in printed, noise
-        assert max(map(len, printed.splitlines())) <= 200
-    assert [line.split()[0] for line in fsdp_run.stdout.splitlines() if line.startswith("epoch=")] == ["epoch=0", "epoch=1"]
+    for noise in ("Tip:", "anonymous", "log_every_n_steps", "it/s]", "INFO: "):
+        assert noise not in stdout + stderr, noise
+    assert max(map(len, (stdout + stderr).splitlines())) <= 200
+    assert [line.split()[0] for line in stdout.splitlines() if line.startswith("epoch=")] == ["epoch=0", "epoch=1"]
     log = (out / "train.log").read_text()  # the same lines, with times, in the run's log file
     assert "Regularizer 'elastic_net'" in log and "epoch=1 step=6" in log and f"metrics: {out / 'metrics.json'}" in log
     ddp, fsdp2 = (json.loads((d / "metrics.json").read_text()) for d in (sweep / "0", out))
