@@ -222,8 +222,10 @@ def test_ddp_spawn_multirun_and_fsdp2_popen_end_to_end_agree(tmp_path, monkeypat
     assert ddp["trainer/global_step"] == 6.0  # 2 epochs x 3 batches, each rank on its half of every batch
     assert ddp["weights/global/sparsity"] > 0
     # Sharded (DTensor) or replicated parameters: the same training, the same final figures.
-    for key in ("val/loss", "test/loss", "weights/global/sparsity", "weights/net.0.weight/sparsity", "trainer/global_step"):
+    for key in ("val/loss", "test/loss", "weights/global/sparsity", "weights/net.0.weight/sparsity", "trainer/global_step",
+                "reg/elastic_net/penalty"):  # the penalty as the spawned rank 0 left it, not the main process's copy
         assert fsdp2[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), key
+    assert ddp["reg/elastic_net/penalty"] > 0
 
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, monkeypatch, capsys, fresh_hydra):

@@ -116,22 +116,30 @@ def build_strategy(node: DictConfig) -> dict[str, Any]:
     return trainer_kwargs
 
 
-class FitProgress(Callback):
-    """Puts the fit's last step and epoch into ``trainer.callback_metrics`` at its end.
+class FitResults(Callback):
+    """Puts what the fit ends with into ``trainer.callback_metrics``: the last step and epoch, and the
+    ``Regularizer``'s metrics (``reg/<name>/penalty``, ``/alpha``).
 
-    ``trainer/epoch`` counts from 0, as the checkpoint names do (``epoch=14-step=255.ckpt`` after 15
-    epochs); ``trainer/global_step`` counts optimizer steps. Lightning sends ``callback_metrics`` back from
-    a spawned rank 0 (``start_method=spawn``), but not the trainer's own counters.
+    Lightning sends ``callback_metrics`` back from a spawned rank 0 (``start_method=spawn``), but neither
+    the trainer's counters nor the callbacks' state: read afterwards in the main process, those would be
+    the ones of a callback that never ran. ``trainer/epoch`` counts from 0, as the checkpoint names do
+    (``epoch=14-step=255.ckpt`` after 15 epochs); ``trainer/global_step`` counts optimizer steps.
     """
 
+    def __init__(self, regularizer: Regularizer | None = None) -> None:
+        self.regularizer = regularizer
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.callback_metrics.update({"trainer/global_step": torch.tensor(float(trainer.global_step)),
-                                         "trainer/epoch": torch.tensor(float(trainer.current_epoch - 1))})
+        results = {"trainer/global_step": trainer.global_step, "trainer/epoch": trainer.current_epoch - 1}
+        if self.regularizer is not None:  # a collective under FSDP2: every rank gets here
+            results.update(self.regularizer.metrics())
+        trainer.callback_metrics.update({k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in results.items()})
 
 
 def build_callbacks(cfg: DictConfig, ctx: RunContext, regularizer: Regularizer | None,
                     max_epochs: int | None = None) -> list[Callback]:
-    callbacks: list[Callback] = [FitProgress()] if regularizer is None else [regularizer, FitProgress()]
+    callbacks: list[Callback] = [] if regularizer is None else [regularizer]
+    callbacks.append(FitResults(regularizer))
     if cfg.get("monitor") is not None and cfg.monitor.get("_target_"):
         callbacks.append(build_target(cfg.monitor, "monitor"))
     if cfg.checkpoint.enabled:

@@ -18,6 +18,15 @@ from lightning.pytorch.callbacks import ProgressBar
 log = logging.getLogger("lightreg.app")
 
 
+def say(line: str) -> None:
+    """Log ``line`` on the app's logger (Hydra's console and ``train.log``), or print it where nobody configured
+    logging (a rank started by spawn, ``hydra/job_logging=none``, ``run`` called from Python)."""
+    if log.hasHandlers():
+        log.info(line)
+    else:
+        print(line, flush=True)
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """``key=value`` pairs, numbers to 4 significant digits, in the order given.
 
@@ -33,8 +42,7 @@ class EpochLines(ProgressBar):
 
     A line reads like the checkpoint it matches: ``epoch=14 step=255  train/loss=0.01  val/acc=0.98  (8.1 s)``
     (epochs counted from 0, as in Lightning's checkpoint names), with the metrics the model logs with
-    ``prog_bar=True``. Lines go to the ``lightreg.app`` logger, so Hydra's job log receives them too (to
-    standard output where logging is not configured).
+    ``prog_bar=True``. Lines go through :func:`say`, so Hydra's job log receives them too.
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
@@ -80,8 +88,5 @@ class EpochLines(ProgressBar):
         if not last and (epoch + 1) % self.every_n_epochs:
             return
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        line = f"epoch={epoch} step={trainer.global_step}  {format_metrics(metrics)}  ({time.perf_counter() - self._start:.1f} s)"
-        if log.hasHandlers():
-            log.info(line)
-        else:  # a process whose logging nobody configured (a rank started by spawn): still show progress
-            print(line, flush=True)
+        elapsed = time.perf_counter() - self._start
+        say(f"epoch={epoch} step={trainer.global_step}  {format_metrics(metrics)}  ({elapsed:.1f} s)")

@@ -25,11 +25,9 @@ from omegaconf.errors import OmegaConfBaseException
 from lightreg import print_report, sparsity_report
 from lightreg.app.build import Job, build_job
 from lightreg.app.config import ConfigError, RunContext
+from lightreg.app.progress import say
 from lightreg.app.tracking import finish_wandb, log_config
-from lightreg.emit import to_floats
 from lightreg.report import overall_sparsity
-
-log = logging.getLogger("lightreg.app")
 
 #: What building objects from the config raises for a bad value; reported as a ConfigError.
 CONFIG_ERRORS = (ValueError, TypeError, HydraException, OmegaConfBaseException, MisconfigurationException)
@@ -66,16 +64,14 @@ def support_metrics(model: pl.LightningModule, true_support: Any) -> dict[str, f
 
 def final_metrics(job: Job, fit_metrics: dict[str, float], test_results: list[dict[str, float]],
                   rows: list[dict[str, Any]], fit_seconds: float) -> dict[str, float]:
-    """One flat dict: the last epoch's train/val metrics and ``trainer/epoch``, ``trainer/global_step``
-    (:class:`~lightreg.app.build.FitProgress`), the test metrics and the weights' sparsity."""
+    """One flat dict: the last epoch's train/val metrics, ``trainer/epoch``, ``trainer/global_step`` and the
+    penalty's ``reg/...`` (:class:`~lightreg.app.build.FitResults`), the test metrics and the weights' sparsity."""
     metrics = dict(fit_metrics)
     for result in test_results:
         metrics.update({k: float(v) for k, v in result.items()})
     metrics["weights/global/sparsity"] = overall_sparsity(rows)
     for row in rows:
         metrics[f"weights/{row['name']}/sparsity"] = row["sparsity"]
-    if job.regularizer is not None:  # R(w) of the final weights at the last step's alpha; a collective under FSDP2
-        metrics.update(to_floats(job.regularizer.metrics()))
     if job.data.true_support is not None:
         metrics.update(support_metrics(job.model, job.data.true_support))
     metrics["time/fit_seconds"] = fit_seconds
@@ -109,10 +105,10 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         if cfg.report:
             print_report(rows, title=f"Weight sparsity ({ctx.name})")
         write_json_atomic(ctx.output_dir / "metrics.json", metrics)
-        log.info(f"metrics: {ctx.output_dir / 'metrics.json'}")
+        say(f"metrics: {ctx.output_dir / 'metrics.json'}")
         message = finish_wandb(job.logger, metrics)
         if message:
-            log.info(message)
+            say(message)
     return metrics
 
 
