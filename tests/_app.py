@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -40,10 +39,6 @@ def app_env() -> dict[str, str]:
 #: ``lightreg-train`` as a new process: ``python -m lightreg`` runs the console script's own ``main``.
 COMMAND = (sys.executable, "-m", "lightreg")
 
-
-def lightreg_train(*args: str, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``lightreg-train ARGS`` in a new process; waits for it and returns its output."""
-    return subprocess.run([*COMMAND, *args], capture_output=True, text=True, env=app_env(), timeout=timeout, cwd=cwd)
 
 
 def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:

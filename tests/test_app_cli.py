@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, fresh_hydra, lightreg_train, run_main  # noqa: F401
+from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, fresh_hydra, run_main  # noqa: F401 (a fixture)
 from tests._readers import wandb_run
 
 
@@ -189,43 +188,6 @@ def test_sigterm_stops_a_run_and_a_sweep_with_status_143(tmp_path):
     assert not list(tmp_path.rglob("metrics.json"))
     assert wandb_run(tmp_path / "single")["exit"].exit_code == 143  # marked failed
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0"]  # job 1 never started
-
-
-@pytest.mark.slow
-def test_ddp_spawn_multirun_and_fsdp2_popen_end_to_end_agree(tmp_path, monkeypatch, capfd, fresh_hydra):
-    """Two launchers, two strategies, one answer: FSDP2 started by re-running the command line (popen, a user's
-    process), and, meanwhile, DDP started by spawn from inside a sweep job (in this process; W&B logging from the
-    spawned rank 0). Both 2 CPU processes."""
-    out, sweep = tmp_path / "fsdp2", tmp_path / "ddp"
-    with_progress = [arg for arg in FAST if arg != "progress_bar=false"]
-    fsdp_run = subprocess.Popen([*COMMAND, "strategy=fsdp2_cpu", "logger=csv", f"hydra.run.dir={out}", *with_progress],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=app_env())
-    try:
-        status = run_main(["-m", "strategy=ddp_cpu", "strategy.start_method=spawn", f"hydra.sweep.dir={sweep}", *FAST,
-                           *NO_LOGGING], monkeypatch)
-        stdout, stderr = fsdp_run.communicate(timeout=300)
-    finally:
-        fsdp_run.kill()
-    assert status == 0, capfd.readouterr().err[-3000:]
-    assert [p.name for p in sweep.iterdir() if p.is_dir()] == ["0"]  # one job, one W&B run: not re-run per rank
-    assert "reg/elastic_net/penalty" in wandb_run(sweep / "0")["history"]
-    assert fsdp_run.returncode == 0, stderr[-3000:]
-    assert (out / "train_ddp_process_1.log").is_file()  # rank 1 re-ran the same single job, not a sweep
-    # What a run prints off a terminal: the selection, a line per epoch, the table, where the results are; no noise.
-    for noise in ("Tip:", "anonymous", "log_every_n_steps", "it/s]", "INFO: "):
-        assert noise not in stdout + stderr, noise
-    assert max(map(len, (stdout + stderr).splitlines())) <= 200
-    assert [line.split()[0] for line in stdout.splitlines() if line.startswith("epoch=")] == ["epoch=0", "epoch=1"]
-    log = (out / "train.log").read_text()  # the same lines, with times, in the run's log file
-    assert "Regularizer 'elastic_net'" in log and "epoch=1 step=6" in log and f"metrics: {out / 'metrics.json'}" in log
-    ddp, fsdp2 = (json.loads((d / "metrics.json").read_text()) for d in (sweep / "0", out))
-    assert ddp["trainer/global_step"] == 6.0  # 2 epochs x 3 batches, each rank on its half of every batch
-    assert ddp["weights/global/sparsity"] > 0
-    # Sharded (DTensor) or replicated parameters: the same training, the same final figures.
-    for key in ("val/loss", "test/loss", "weights/global/sparsity", "weights/net.0.weight/sparsity", "trainer/global_step",
-                "reg/elastic_net/penalty"):  # the penalty as the spawned rank 0 left it, not the main process's copy
-        assert fsdp2[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), key
-    assert ddp["reg/elastic_net/penalty"] > 0
 
 
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, monkeypatch, capsys, fresh_hydra):

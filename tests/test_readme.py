@@ -13,6 +13,7 @@ import math
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 
 import lightning.pytorch as pl
@@ -21,12 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests._app import FAST, NO_LOGGING, ROOT, fresh_hydra, lightreg_train, run_main  # noqa: F401
+from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, fresh_hydra, run_main  # noqa: F401 (a fixture)
+from tests._readers import wandb_run
 
 README = (ROOT / "README.md").read_text()
 #: Appended to every README run: short, and no W&B run (the W&B path has its own tests).
 SHORT = (*FAST, "trainer.max_epochs=2", "logger=csv")
-MULTI_PROCESS = ("strategy=ddp_cpu", "strategy=fsdp2_cpu")
+MULTI_PROCESS = ("strategy=ddp_cpu", "strategy=fsdp2_cpu")  # Lightning re-runs the command line: a new process
 
 
 def blocks(language: str) -> list[str]:
@@ -148,11 +150,40 @@ def test_single_run_commands(words, tmp_path, monkeypatch, capsys, fresh_hydra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("words", [w for w in commands() if kind(w) == "subprocess"], ids=" ".join)
-def test_multi_process_commands(words, tmp_path):
-    result = lightreg_train(*words[1:], f"hydra.run.dir={tmp_path}", *SHORT, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["trainer/global_step"] == 6  # 2 epochs x 3 steps, the ranks in step
+def test_multi_process_command_agrees_with_ddp_spawned_in_a_sweep(words, tmp_path, monkeypatch, capfd, fresh_hydra):
+    """The README's multi-process command as a user runs it (its own process; Lightning re-runs the command line
+    for rank 1) and, meanwhile in this process, DDP started by spawn inside a sweep job (W&B logging from the
+    spawned rank 0): two launchers, two strategies, 2 CPU processes each, one answer."""
+    out, sweep = tmp_path / "run", tmp_path / "ddp"
+    short = [arg for arg in SHORT if arg != "progress_bar=false"]  # show the progress lines a user reads
+    user = subprocess.Popen([*COMMAND, *words[1:], f"hydra.run.dir={out}", *short], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=app_env())
+    try:
+        status = run_main(["-m", "strategy=ddp_cpu", "strategy.start_method=spawn", f"hydra.sweep.dir={sweep}", *FAST,
+                           *NO_LOGGING], monkeypatch)
+        stdout, stderr = user.communicate(timeout=300)
+    finally:
+        user.kill()
+    assert status == 0, capfd.readouterr().err[-3000:]
+    assert [p.name for p in sweep.iterdir() if p.is_dir()] == ["0"]  # one job, one W&B run: not re-run per rank
+    assert "reg/elastic_net/penalty" in wandb_run(sweep / "0")["history"]
+    assert user.returncode == 0, stderr[-3000:]
+    assert (out / "train_ddp_process_1.log").is_file()  # rank 1 re-ran the same single job, not a sweep
+    # What a run prints off a terminal: the selection, a line per epoch, the table, where the results are; no noise.
+    for noise in ("Tip:", "anonymous", "log_every_n_steps", "it/s]", "INFO: "):
+        assert noise not in stdout + stderr, noise
+    assert max(map(len, (stdout + stderr).splitlines())) <= 200
+    assert [line.split()[0] for line in stdout.splitlines() if line.startswith("epoch=")] == ["epoch=0", "epoch=1"]
+    log = (out / "train.log").read_text()  # the same lines, with times, in the run's log file
+    assert "Regularizer 'elastic_net'" in log and "epoch=1 step=6" in log and f"metrics: {out / 'metrics.json'}" in log
+    ddp, user_run = (json.loads((d / "metrics.json").read_text()) for d in (sweep / "0", out))
+    assert ddp["trainer/global_step"] == 6.0  # 2 epochs x 3 batches, each rank on its half of every batch
+    assert ddp["weights/global/sparsity"] > 0 and ddp["reg/elastic_net/penalty"] > 0
+    # Sharded (DTensor) or replicated parameters, either launcher: the same training, the same final figures
+    # (the penalty as the spawned rank 0 left it, not the main process's copy of the callback).
+    for key in ("val/loss", "test/loss", "weights/global/sparsity", "weights/net.0.weight/sparsity", "trainer/global_step",
+                "reg/elastic_net/penalty"):
+        assert user_run[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow
