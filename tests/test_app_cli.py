@@ -153,6 +153,11 @@ def test_the_app_without_its_extra_says_what_to_install():
     assert result.returncode == 2
     assert result.stderr.strip() == ("lightreg-train: error: the app needs packages that are not installed (hydra): "
                                      "pip install 'lightreg[app]'")
+    plot = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['plot_sweep.py', '.']; "
+            f"runpy.run_path({str(ROOT / 'scripts' / 'plot_sweep.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", plot], capture_output=True, text=True, env=app_env(), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "plot_sweep.py needs matplotlib, part of the app's extra: pip install 'lightreg[app]'"
 
 
 def _wait_for_line(process: subprocess.Popen, text: str) -> list[str]:
