@@ -27,12 +27,18 @@ def compose_cfg(*overrides: str, hydra: bool = False):
         return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
+#: Set in this process by Lightning when a test launched ranks from it; a user's shell has none of them, and a
+#: MASTER_PORT inherited by two runs at once makes both bind the same port.
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
 def app_env() -> dict[str, str]:
     """The environment of a command-line run: this checkout first on the path, W&B offline."""
     path = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(path)}
-    env.pop("HYDRA_FULL_ERROR", None)
+    for name in ("HYDRA_FULL_ERROR", *DISTRIBUTED_ENV):
+        env.pop(name, None)
     return env
 
 

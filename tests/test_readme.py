@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, fresh_hydra, run_main  # noqa: F401 (a fixture)
 from tests._readers import wandb_run
+from tests._spawn import free_port
 
 README = (ROOT / "README.md").read_text()
 #: Appended to every README run: short, and no W&B run (the W&B path has its own tests).
@@ -158,6 +159,7 @@ def test_multi_process_command_agrees_with_ddp_spawned_in_a_sweep(words, tmp_pat
     short = [arg for arg in SHORT if arg != "progress_bar=false"]  # show the progress lines a user reads
     user = subprocess.Popen([*COMMAND, *words[1:], f"hydra.run.dir={out}", *short], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=app_env())
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # this process's own rendezvous, put back after the test
     try:
         status = run_main(["-m", "strategy=ddp_cpu", "strategy.start_method=spawn", f"hydra.sweep.dir={sweep}", *FAST,
                            *NO_LOGGING], monkeypatch)
