@@ -1,6 +1,6 @@
 """``python -m lightreg``: the same as the ``lightreg-train`` console script."""
 
 if __name__ == "__main__":
-    from lightreg.app.train import main
+    from lightreg.app.cli import main
 
     main()

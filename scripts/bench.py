@@ -29,6 +29,7 @@ Run ``python scripts/bench.py`` (a few minutes), ``--quick`` for a smoke run, ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
@@ -36,8 +37,10 @@ import logging
 import os
 import random
 import statistics
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +51,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightreg
-from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer
+from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor
 from lightreg.selection import select_parameters
 
 ALPHA, LR = 1e-4, 1e-3
@@ -214,10 +216,8 @@ def configurations() -> dict[str, Any]:
     for row, (pname, kwargs) in EXTRA_ROWS.items():
         configs[row] = functools.partial(lambda m, kw, name: Regularizer(m(), name=name, **kw), PENALTIES[pname], kwargs,
                                          row.replace("/", "_"))
-    monitor = getattr(lightreg, "WeightMonitor", None)
-    if monitor is not None:
-        configs["monitor/every_step"] = lambda: monitor(every_n_steps=1)
-        configs["monitor/default"] = monitor
+    configs["monitor/every_step"] = lambda: WeightMonitor(every_n_steps=1)
+    configs["monitor/default"] = WeightMonitor
     for name in CALLBACK_FREE[1:]:
         configs[name] = None
     return configs
@@ -234,6 +234,24 @@ def memory_peak_cpu(prof: torch.profiler.profile) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence the process's standard error (file descriptor 2, C++ code included) inside the block.
+
+    Each start and stop of the torch profiler writes a ``USDT: ... profiler_start`` line there from C++
+    (kineto), whatever the log level: about 160 lines in a run, ahead of the tables.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class MemoryWindow:
     """Peak bytes allocated (over the level at entry) inside a ``with`` block, CPU or CUDA."""
 
@@ -247,7 +265,8 @@ class MemoryWindow:
             torch.cuda.reset_peak_memory_stats()
         else:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-            self.prof.__enter__()
+            with quiet_stderr():
+                self.prof.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -255,7 +274,8 @@ class MemoryWindow:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.start
         else:
-            self.prof.__exit__(*exc)
+            with quiet_stderr():
+                self.prof.__exit__(*exc)
             self.peak = memory_peak_cpu(self.prof)
 
 
@@ -368,7 +388,7 @@ def bench_model(model_name: str, configs: dict[str, Any], args: argparse.Namespa
     step = {n: med(probe.steps[n]) for n in configs}
     added = {n: med(probe.hooks[n]) for n in configs}
     if "monitor/default" in configs:  # amortize: one logging step (the every-step monitor's cost) per interval
-        every = lightreg.WeightMonitor().every_n_steps
+        every = WeightMonitor().every_n_steps
         added["monitor/default"] = (added["monitor/every_step"] + (every - 1) * added["monitor/default"]) / every
     base, largest = step["none"], largest_penalised_bytes(model_name, args.quick)
     rows = {}
@@ -489,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} torch threads, "
            f"{os.cpu_count()} cores)", "torch": torch.__version__, "lightning": pl.__version__,
            "clock": args.clock, "timed_steps_per_config": args.cycles, "alpha": ALPHA, "lr": LR,
-           "optimizer": "Adam", "monitor_available": hasattr(lightreg, "WeightMonitor")}
+           "optimizer": "Adam"}
     results: dict[str, Any] = {"env": env, "models": {}}
     for model in args.models.split(","):
         results["models"][model] = bench_model(model, configs, args)

@@ -22,11 +22,14 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean, pstdev
 
-import matplotlib
+try:
+    import matplotlib
+    from omegaconf import OmegaConf
+except ImportError as err:  # the library alone was installed
+    raise SystemExit(f"plot_sweep.py needs {err.name}, part of the app's extra: pip install 'lightreg[app]'") from None
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from lightreg.app.config import register_resolvers  # noqa: E402
 

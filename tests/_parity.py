@@ -101,6 +101,24 @@ def train(key: str, *, batch_size: int, model_cls=TinyNet, accumulate: int = 1, 
     return snap.out
 
 
+class OneProcess:
+    """The single-process oracles of a test module, each trained once on the whole batch and then shared.
+
+    ``oracle(key, **kwargs)`` is ``train(key, batch_size=N, **kwargs)``, computed on first use (a parity test
+    compares every distributed case with it, and several cases share one oracle). The results are read only.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple, dict] = {}
+
+    def __call__(self, key: str, **kwargs) -> dict:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None is train()'s default for each
+        cache_key = (key, tuple(sorted(kwargs.items(), key=lambda item: item[0])))
+        if cache_key not in self._runs:
+            self._runs[cache_key] = train(key, batch_size=N, **kwargs)
+        return self._runs[cache_key]
+
+
 def assert_same(a: dict, b: dict, tol: float = 1e-12) -> None:
     assert a.keys() == b.keys()
     for name in a:

@@ -1,75 +1,28 @@
-"""``lightreg-train`` end to end, as a user runs it: subprocesses of the console script."""
+"""``lightreg-train`` as a user runs it: the command line's exit statuses and messages, sweeps with W&B, several
+processes, SIGTERM, start-up without torch, and the installed package."""
 
 from __future__ import annotations
 
 import json
 import os
-import struct
+import runpy
+import signal
 import subprocess
 import sys
-from pathlib import Path
+import zipfile
 
 import pytest
 from omegaconf import OmegaConf
-from wandb.proto import wandb_internal_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-FAST = ["trainer=debug", "monitor.every_n_steps=2", "progress_bar=false", "checkpoint.enabled=false"]
+from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, fresh_hydra, run_main  # noqa: F401 (a fixture)
+from tests._readers import wandb_run
 
 
-def lightreg_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([str(BIN / "lightreg-train"), *args], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def wandb_records(run_dir: Path) -> list[wandb_internal_pb2.Record]:
-    """Decode an offline ``run-<id>.wandb`` file: LevelDB-log framing (32 KiB blocks, 7-byte chunk headers)."""
-    (path,) = run_dir.glob("run-*.wandb")
-    raw = path.read_bytes()
-    assert raw[:4] == b":W&B"
-    records, pending, pos, block = [], b"", 7, 32768
-    while pos + 7 <= len(raw):
-        left = block - pos % block
-        if left < 7:  # a block's tail too short for a header is padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
-        if length == 0 and kind == 0:
-            pos += left
-            continue
-        pending += raw[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def wandb_run(job_dir: Path) -> dict:
-    """The run record, history keys and config of the single offline W&B run in ``job_dir``."""
-    (run_dir,) = (job_dir / "wandb").glob("offline-run-*")
-    out = {"history": set(), "config": {}, "dir": run_dir}
-    for record in wandb_records(run_dir):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["run"] = record.run
-        elif kind == "history":
-            out["history"] |= {item.key or "/".join(item.nested_key) for item in record.history.item}
-        elif kind == "config":
-            out["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
-    return out
-
-
-@pytest.mark.slow
-def test_two_job_multirun_with_wandb_and_the_sweep_plot(tmp_path):
+def test_two_job_multirun_with_wandb_and_the_sweep_plot(tmp_path, monkeypatch, capsys, fresh_hydra):
     sweep = tmp_path / "sweep"
-    result = lightreg_train("-m", "model=linear", "data=breast_cancer", "penalty=l1", "penalty.log10_alpha=-3,-1",
-                            f"hydra.sweep.dir={sweep}", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
+    status = run_main(["-m", "model=linear", "data=breast_cancer", "penalty=l1", "penalty.log10_alpha=-3,-1",
+                       f"hydra.sweep.dir={sweep}", *FAST, *NO_LOGGING], monkeypatch)
+    assert status == 0, capsys.readouterr().err[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     runs = []
@@ -80,12 +33,13 @@ def test_two_job_multirun_with_wandb_and_the_sweep_plot(tmp_path):
         assert OmegaConf.load(job / ".hydra" / "config.yaml").penalty.log10_alpha in (-3, -1)
         run = wandb_run(job)  # one offline W&B run per job: each was finished before the next began
         runs.append(run)
-        assert f"wandb sync {run['dir']}" in result.stdout
         # The per-layer figures of the WeightMonitor and the Regularizer's metrics are in the run's history.
         assert {"weights/net.0.weight/l1", "weights/net.0.weight/l2", "weights/net.0.weight/sparsity",
                 "weights/global/sparsity", "reg/l1/penalty", "reg/l1/alpha", "val/acc"} <= run["history"]
         assert run["config"]["penalty"]["alpha"] == pytest.approx(alpha)  # the resolved config
+        assert run["summary"]["weights/global/sparsity"] == metrics["weights/global/sparsity"]
         assert "penalty:l1" in run["run"].tags and run["run"].job_type == "sweep"
+        assert run["exit"].exit_code == 0
     assert runs[0]["run"].run_id != runs[1]["run"].run_id
     assert runs[0]["run"].run_group == runs[1]["run"].run_group == f"sweep-{sweep.parent.name}-{sweep.name}"
     assert runs[0]["run"].display_name.startswith("0:") and "log10_alpha=-3" in runs[0]["run"].display_name
@@ -94,11 +48,13 @@ def test_two_job_multirun_with_wandb_and_the_sweep_plot(tmp_path):
     assert sparsity[1] > sparsity[0]
 
     png = tmp_path / "sweep.png"
-    plot = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"), str(sweep), "-o", str(png)],
-                          capture_output=True, text=True, timeout=120)
-    assert plot.returncode == 0, plot.stderr
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["plot_sweep.py", str(sweep), "-o", str(png)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "scripts" / "plot_sweep.py"), run_name="__main__")
+    assert done.value.code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    rows = [line.split() for line in plot.stdout.splitlines() if line.startswith("l1 ")]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("l1 ")]
     assert [(r[1], float(r[3])) for r in rows] == [("0.001", pytest.approx(sparsity[0], abs=1e-3)),
                                                   ("0.1", pytest.approx(sparsity[1], abs=1e-3))]
 
@@ -106,9 +62,9 @@ def test_two_job_multirun_with_wandb_and_the_sweep_plot(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_over_target_sparsity_reaches_each_target_and_is_drawn_against_sparsity(tmp_path):
     sweep = tmp_path / "sweep"
-    result = lightreg_train("-m", "model=mlp", "model.optimizer=adamw", "model.lr=0.01", "penalty=l0,l1",
-                            "penalty.target_sparsity=0.5,0.9", "logger=none", "monitor.extras=[]",
-                            f"hydra.sweep.dir={sweep}", *FAST)
+    result = subprocess.run([*COMMAND, "-m", "model=mlp", "model.optimizer=adamw", "model.lr=0.01", "penalty=l0,l1",
+                             "penalty.target_sparsity=0.5,0.9", "logger=none", "monitor.extras=[]",
+                             f"hydra.sweep.dir={sweep}", *FAST], capture_output=True, text=True, env=app_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4
@@ -128,133 +84,186 @@ def test_a_sweep_over_target_sparsity_reaches_each_target_and_is_drawn_against_s
     assert sorted((r[0], r[1]) for r in rows) == [("l0", "0.5"), ("l0", "0.9"), ("l1", "0.5"), ("l1", "0.9")]
 
 
-@pytest.fixture
-def fresh_hydra():
-    """Run ``@hydra.main`` in this process, then undo its global state so later tests (Lightning's launchers
-    look at ``HydraConfig``, caplog at the loggers) see a process that never ran Hydra."""
-    import logging
 
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers))
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
-    HydraConfig.instance().cfg = None
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-
-
-@pytest.mark.parametrize("args, expected", [
-    (["penalty=l3"], "Could not find 'penalty/l3'"),
-    (["penalty.alpha=-0.5"], "alpha must be in [0.0, inf], got -0.5"),
-    (["penalty.alpha=???"], "Missing mandatory value: alpha"),
-    (["-m", "strategy=ddp_cpu", "penalty.alpha=0.1,0.2"], "re-runs the whole sweep"),
-    (["penalty.include=[encoder.*]"], "include pattern 'encoder.*' matches no parameter name"),
+@pytest.mark.parametrize("args, status, expected", [
+    (["penalty=l3"], 1, "Could not find 'penalty/l3'"),  # Hydra's own composition error
+    (["penalty.alpha=-0.5"], 2, "alpha must be in [0.0, inf], got -0.5"),
+    (["penalty.alpha=???"], 2, "Missing mandatory value: alpha"),
+    (["trainer.max_epochs=abc"], 2, "trainer.max_epochs must be int or null, got 'abc'"),
+    (["+trainer.max_epoch=3"], 2, "trainer.max_epoch is not an argument of Trainer (did you mean max_epochs"),
+    (["trainer.precision=33"], 2, "trainer.precision must be one of"),
+    (["data.batch_size=many"], 2, "data.batch_size must be int or null, got 'many'"),
+    (["model.lr=fast"], 2, "model.lr must be float, got 'fast'"),
+    (["model.momentum=1.5"], 2, "momentum must be in [0, 1), got 1.5"),
+    (["strategy=ddp_cpu", "strategy.start_method=fork2"], 2, "strategy.start_method must be one of 'popen'"),
+    (["-m", "strategy=ddp_cpu", "penalty.alpha=0.1,0.2"], 2, "re-runs the whole sweep"),
+    (["penalty.include=[encoder.*]"], 2, "include pattern 'encoder.*' matches no parameter name"),
 ])
-def test_bad_input_gives_a_short_message_and_no_metrics(args, expected, tmp_path, monkeypatch, capfd, fresh_hydra):
+def test_bad_input_gives_a_short_message_and_starts_nothing(args, status, expected, tmp_path, monkeypatch, capfd,
+                                                            fresh_hydra):
     """In process (the console script's own ``main``), so each case costs no interpreter start."""
-    from lightreg.app.train import main
-
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", ["lightreg-train", *args, f"hydra.run.dir={tmp_path}/run",
-                                      f"hydra.sweep.dir={tmp_path}/sweep",
-                                      # Leave logging alone: Hydra's configs would rebind or disable loggers.
-                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code not in (0, None)
-    stderr = capfd.readouterr().err
-    assert expected in stderr
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 15, stderr
+    code = run_main([*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep", *NO_LOGGING],
+                    monkeypatch)
+    assert code == status
+    out, err = capfd.readouterr()
+    assert expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 15, err
+    assert "Sanity" not in out + err and "epoch=" not in out + err  # no training step ran
     assert not list(tmp_path.rglob("metrics.json"))
     assert not list(tmp_path.rglob("offline-run-*"))  # refused before the W&B run (default logger) started
 
 
+def test_a_failure_inside_training_keeps_its_traceback(tmp_path, monkeypatch, capfd, fresh_hydra):
+    """Only configuration errors are one line: a ValueError raised by the model during fit is a bug to see."""
+    from lightreg.app.models import TaskModel
+
+    def broken_step(self, batch, batch_idx):
+        raise ValueError("a bug in training_step")
+
+    monkeypatch.setattr(TaskModel, "training_step", broken_step)
+    code = run_main(["model=linear", f"hydra.run.dir={tmp_path}", *FAST, *NO_LOGGING], monkeypatch)
+    assert code == 1
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "ValueError: a bug in training_step" in err and "lightreg-train: error" not in err
+    assert not (tmp_path / "metrics.json").exists()
+    assert wandb_run(tmp_path)["exit"].exit_code == 1  # the W&B run was finished, as failed
+
+
 def test_in_process_hydra_runs_leave_no_global_state(tmp_path, monkeypatch, capfd, fresh_hydra):
-    """The guard for the test above: Lightning must not think a later test runs under Hydra."""
+    """The guard for the tests above: Lightning must not think a later test runs under Hydra."""
     import logging
 
     from hydra.core.hydra_config import HydraConfig
 
-    from lightreg.app.train import main
-
     handlers = list(logging.getLogger().handlers)
-    monkeypatch.setattr(sys, "argv", ["lightreg-train", "penalty.alpha=-1", f"hydra.run.dir={tmp_path}",
-                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
-    with pytest.raises(SystemExit):
-        main()
+    assert run_main(["penalty.alpha=-1", f"hydra.run.dir={tmp_path}", *NO_LOGGING], monkeypatch) == 2
     assert not HydraConfig.initialized()
     assert not logging.getLogger("lightning.pytorch").disabled
     assert logging.getLogger().handlers == handlers
 
 
-@pytest.mark.slow
-def test_ddp_cpu_and_fsdp2_cpu_end_to_end_agree(tmp_path):
-    results = {}
-    for strategy in ("ddp_cpu", "fsdp2_cpu"):
-        out = tmp_path / strategy
-        result = lightreg_train(f"strategy={strategy}", "logger=csv", f"hydra.run.dir={out}", *FAST)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert (out / "train_ddp_process_1.log").is_file()  # rank 1 re-ran the same single job, not a sweep
-        results[strategy] = json.loads((out / "metrics.json").read_text())
-    ddp, fsdp2 = results["ddp_cpu"], results["fsdp2_cpu"]
-    assert ddp["trainer/global_step"] == 6.0  # 2 epochs x 3 batches, each rank on its half of every batch
-    assert ddp["weights/global/sparsity"] > 0
-    # Sharded (DTensor) or replicated parameters: the same training, the same final figures.
-    for key in ("val/loss", "test/loss", "weights/global/sparsity", "weights/net.0.weight/sparsity", "trainer/global_step"):
-        assert fsdp2[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), key
-
-
-@pytest.mark.slow
-def test_ddp_spawn_in_a_multirun(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = lightreg_train("-m", "strategy=ddp_cpu", "strategy.start_method=spawn", "model=linear",
-                            "data=diabetes", "penalty=l1", "penalty.alpha=0.05", f"hydra.sweep.dir={sweep}", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("Launching 1 jobs locally") == 1  # the sweep ran once, not once per rank
-    for job in ("0",):
-        metrics = json.loads((sweep / job / "metrics.json").read_text())
-        assert {"val/mse", "test/r2", "weights/global/sparsity"} <= set(metrics)
-        assert "reg/l1/penalty" in wandb_run(sweep / job)["history"]
-
-
 def test_python_dash_m_lightreg_prints_the_composed_config(monkeypatch, capsys, fresh_hydra):
-    import runpy
-
-    monkeypatch.setattr(sys, "argv", ["lightreg", "--cfg", "job", "penalty=l1", "penalty.log10_alpha=-2",
-                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    monkeypatch.setattr(sys, "argv", ["lightreg", "--cfg", "job", "penalty=l1", "penalty.log10_alpha=-2", *NO_LOGGING])
     runpy.run_module("lightreg", run_name="__main__")  # what `python -m lightreg` runs
     cfg = OmegaConf.create(capsys.readouterr().out)
     assert cfg.penalty._target_ == "lightreg.L1" and cfg.model._target_ == "lightreg.app.models.MLP"
     assert cfg.penalty.log10_alpha == -2
 
 
+START_UP = """
+import sys
+from hydra.core.global_hydra import GlobalHydra
+from lightreg.app.cli import main
+for argv in (["--help"], ["--cfg", "job"], ["penalty=l3"], ["penalty.alpah=0.1"]):
+    sys.argv = ["lightreg-train", *argv]
+    try:
+        main()
+    except SystemExit:
+        pass
+    GlobalHydra.instance().clear()
+print("HEAVY", sorted(m for m in ("torch", "lightning", "wandb", "sklearn", "matplotlib") if m in sys.modules))
+"""
+
+
+def test_help_cfg_and_config_errors_do_not_import_torch():
+    result = subprocess.run([sys.executable, "-c", START_UP], capture_output=True, text=True, env=app_env(), timeout=120)
+    assert "== Configuration groups ==" in result.stdout and "_target_: lightreg.app.models.MLP" in result.stdout
+    assert "Could not find 'penalty/l3'" in result.stderr and "alpah" in result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_the_app_without_its_extra_says_what_to_install():
+    code = "import sys; sys.modules['hydra'] = None; from lightreg.app.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=app_env(), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("lightreg-train: error: the app needs packages that are not installed (hydra): "
+                                     "pip install 'lightreg[app]'")
+    plot = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['plot_sweep.py', '.']; "
+            f"runpy.run_path({str(ROOT / 'scripts' / 'plot_sweep.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", plot], capture_output=True, text=True, env=app_env(), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "plot_sweep.py needs matplotlib, part of the app's extra: pip install 'lightreg[app]'"
+
+
+def _wait_for_line(process: subprocess.Popen, text: str) -> list[str]:
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never printed; stderr: {process.stderr.read()[-3000:]}")
+
+
 @pytest.mark.slow
-def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+def test_sigterm_stops_a_run_and_a_sweep_with_status_143(tmp_path):
+    """A real SIGTERM to a real process, once training prints its epochs: exit status 143, the W&B run finished as
+    failed, no metrics.json; in a sweep the next job never starts."""
+    long = ["model=linear", "data=diabetes", "trainer.max_epochs=2000", "checkpoint.enabled=false"]  # ~20 s
+    starts = {
+        "single": [*long, f"hydra.run.dir={tmp_path}/single"],
+        "sweep": ["-m", *long, "logger=csv", "penalty.alpha=0.1,0.2", f"hydra.sweep.dir={tmp_path}/sweep"],
+    }
+    procs = {name: subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=app_env()) for name, args in starts.items()}
+    try:
+        for process in procs.values():
+            _wait_for_line(process, "epoch=")  # off a terminal: one progress line per epoch interval
+            process.send_signal(signal.SIGTERM)
+        codes = {name: process.wait(timeout=120) for name, process in procs.items()}
+    finally:
+        for process in procs.values():
+            process.kill()
+    assert codes == {"single": 143, "sweep": 143}
+    assert "stopped by SIGTERM" in procs["single"].stderr.read()
+    assert not list(tmp_path.rglob("metrics.json"))
+    assert wandb_run(tmp_path / "single")["exit"].exit_code == 143  # marked failed
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0"]  # job 1 never started
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, monkeypatch, capsys, fresh_hydra):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
-    result = lightreg_train("hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=none", "report=false",
-                            f"hydra.sweep.dir={sweep}", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
+    status = run_main(["hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=none", "report=false",
+                       f"hydra.sweep.dir={sweep}", *FAST, *NO_LOGGING], monkeypatch)
+    assert status == 0, capsys.readouterr().err[-3000:]
     values = [json.loads((sweep / j / "metrics.json").read_text())["val/acc"] for j in ("0", "1")]
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.best_value == pytest.approx(max(values))
     assert 1e-6 <= best.best_params["penalty.alpha"] <= 1e-1
 
 
-@pytest.mark.slow
-def test_a_non_editable_install_ships_conf(tmp_path):
+def test_a_wheel_ships_conf_and_finds_it_when_installed(tmp_path):
+    """Build the wheel from a copy of the sources (the checkout gets no build/ folder) with the setuptools at hand,
+    unpack it as an installer would, and ask the installed app where its configs are."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        pytest.skip(f"pyproject.toml builds with setuptools >= 68; this environment has {setuptools.__version__}")
+    import shutil
+
+    had_build = (ROOT / "build").exists()
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("lightreg", "conf"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    build = ("import sys; from setuptools import build_meta; "
+             "print(build_meta.build_wheel(sys.argv[1]))")
+    result = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=source, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    wheel = tmp_path / "dist" / result.stdout.strip().splitlines()[-1]
     site = tmp_path / "site"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--target", str(site), str(ROOT)], capture_output=True, text=True, timeout=300)
-    assert pip.returncode == 0, pip.stderr[-3000:]
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
     conf = ROOT / "conf"
-    assert {p.relative_to(conf) for p in conf.rglob("*.yaml")} == {
-        p.relative_to(site / "lightreg" / "conf") for p in (site / "lightreg" / "conf").rglob("*.yaml")}
+    installed = site / "lightreg" / "conf"
+    assert {p.relative_to(conf) for p in conf.rglob("*.yaml")} == {p.relative_to(installed) for p in installed.rglob("*.yaml")}
+    entry_points = next(site.glob("lightreg-*.dist-info")) / "entry_points.txt"
+    assert "lightreg-train = lightreg.app.cli:main" in entry_points.read_text()
     # Run from the install, outside the checkout: the app must find the installed copy.
     found = subprocess.run([sys.executable, "-c", "from lightreg.app.config import config_dir; print(config_dir())"],
                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
-    assert found.stdout.strip() == str(site / "lightreg" / "conf"), found.stderr
+    assert found.stdout.strip() == str(installed), found.stderr
+    assert (ROOT / "build").exists() == had_build  # nothing written into the checkout

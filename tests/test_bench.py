@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -85,12 +86,21 @@ def test_interleaved_fit_times_each_configuration_on_its_own_steps(bench):
     assert probe.hooks["none"] == [0.0] * timed.count("none")
 
 
-def test_quick_run_end_to_end(bench, tmp_path):
+def test_quick_run_end_to_end(bench, tmp_path, capfd):
+    """``main`` as the command line calls it, in this process (no second torch start-up); the process-wide settings
+    it makes for a clean measurement (one torch thread, quiet Lightning, warning filters) are put back after."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--models", "mlp", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| l1/proximal |" in proc.stdout and "| target | met | measured |" in proc.stdout
+    threads, lightning_logger = torch.get_num_threads(), logging.getLogger("lightning.pytorch")
+    level = lightning_logger.level
+    try:
+        with warnings.catch_warnings():
+            bench.main(["--quick", "--models", "mlp", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+        lightning_logger.setLevel(level)
+    printed = capfd.readouterr()  # file descriptors 1 and 2: what the C++ profiler writes too
+    assert "| l1/proximal |" in printed.out and "| target | met | measured |" in printed.out
+    assert "USDT" not in printed.out + printed.err  # the profiler's start/stop lines are silenced
     result = json.loads(out.read_text())
     rows = result["models"]["mlp"]["configs"]
     expected = {"none", "floor", "hand_l1_in_loss", "adam_weight_decay", "adamw"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightreg import L1, Regularizer, WeightMonitor
+from tests._readers import read_csv
 from tests.models import TinyNet, loader, regression_data, trainer
 
 LR, ALPHA = 0.05, 0.5
 SELECTED = ["net.0.weight", "net.3.weight"]
-
-
-def read_csv(logger: CSVLogger) -> list[dict[str, str]]:
-    with open(f"{logger.log_dir}/metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def weight_rows(rows: list[dict[str, str]]) -> dict[int, dict[str, float]]:

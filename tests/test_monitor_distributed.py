@@ -18,7 +18,8 @@ from lightreg.histogram import histograms
 from lightreg.statistics import COLUMNS, partial_sums
 from tests._spawn import run_on_ranks
 from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer
-from tests.test_monitor import CountingMonitor, read_csv, weight_rows
+from tests._readers import read_csv
+from tests.test_monitor import CountingMonitor, weight_rows
 
 pytestmark = pytest.mark.slow
 

@@ -5,58 +5,16 @@ from __future__ import annotations
 import glob
 import json
 import os
-import struct
-import time
 
 import pytest
 import wandb
 from lightning.pytorch.loggers import WandbLogger
-from wandb.proto import wandb_internal_pb2
 
 from lightreg import L1, Regularizer, WeightMonitor, sparsity_report
 from lightreg.report import REPORT_COLUMNS
+from tests._readers import finished_wandb_records, items
 from tests.models import TinyNet, loader, regression_data, trainer
 from tests.test_monitor import ALPHA, LR, SELECTED, ista_reference, oracle_figures
-
-BLOCK, HEADER = 32768, 7  # the LevelDB log format W&B writes its run-<id>.wandb file in
-
-
-def read_records(path: str):
-    """Yield the protobuf ``Record`` s of a ``.wandb`` file (LevelDB log: 32 KiB blocks of chunks)."""
-    data = open(path, "rb").read()
-    ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a W&B run log"
-    pos, buf = HEADER, b""
-    while pos + HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < HEADER:  # a block's tail too short for a chunk header is padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
-        if pos + HEADER + length > len(data):  # a chunk still being written
-            return
-        chunk = data[pos + HEADER : pos + HEADER + length]
-        pos += HEADER + length
-        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(buf)
-            yield record
-
-
-def finished_records(path: str, timeout: float = 60.0) -> list:
-    """The records once the run's ``exit`` record is on disk: ``wandb.finish`` can return before the
-    W&B service has flushed the file."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = list(read_records(path))
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
-
-
-def items(entries) -> dict[str, object]:
-    return {(e.key or "/".join(e.nested_key)): json.loads(e.value_json) for e in entries}
 
 
 @pytest.mark.slow
@@ -74,7 +32,7 @@ def test_offline_run_receives_metrics_histograms_table_and_summary(tmp_path):
         wandb.finish()
     (log_file,) = glob.glob(f"{run_dir}/run-*.wandb")
     history, summary = [], {}
-    for record in finished_records(log_file):
+    for record in finished_wandb_records(log_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append(items(record.history.item))

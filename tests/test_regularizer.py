@@ -12,6 +12,7 @@ from sklearn.linear_model import Lasso
 from torch import nn
 
 from lightreg import L1, L2, ElasticNet, GroupLasso, Regularizer
+from tests._readers import read_csv
 from tests.models import TinyNet, loader, regression_data, trainer
 from tests.oracles import explicit_value
 
@@ -199,13 +200,6 @@ def test_manual_optimization_with_two_optimizers(mode, raw):
                 if mode == "proximal":
                     w.copy_(torch.sign(w) * torch.clamp(w.abs() - lr * 0.1, min=0))
     assert_same_weights(ours, oracle)
-
-
-def read_csv(tmp_path):
-    import csv
-
-    (path,) = tmp_path.glob("**/metrics.csv")
-    return list(csv.DictReader(path.open()))
 
 
 def test_stacked_regularizers_log_penalty_and_scheduled_alpha(tmp_path):

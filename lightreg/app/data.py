@@ -8,6 +8,7 @@ MSE is then in units of the target's variance and ``1 - MSE`` is about R².
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -84,7 +85,8 @@ class TabularData(pl.LightningDataModule):
 
     Args:
         name: which dataset.
-        batch_size: training batch size; evaluation uses whole splits.
+        batch_size: training batch size, or ``None`` for the whole training split (full-batch gradient
+            descent: with a proximal penalty, ISTA); evaluation uses whole splits.
         val_fraction: share of the rows held out for validation.
         test_fraction: share held out for the final test.
         seed: seed of the split (and of the synthetic problem).
@@ -94,7 +96,7 @@ class TabularData(pl.LightningDataModule):
     def __init__(
         self,
         name: str = "digits",
-        batch_size: int = 64,
+        batch_size: int | None = 64,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         seed: int = 0,
@@ -106,8 +108,8 @@ class TabularData(pl.LightningDataModule):
         super().__init__()
         if name not in (*SKLEARN_SETS, "synthetic"):
             raise ValueError(f"data name must be one of {[*SKLEARN_SETS, 'synthetic']}, got {name!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None (full batch), got {batch_size!r}")
         self.name, self.batch_size, self.seed = name, batch_size, seed
         self.fractions = (val_fraction, test_fraction)
         self.synthetic = dict(n_samples=n_samples, n_features=n_features, n_informative=n_informative, noise=noise)
@@ -142,9 +144,18 @@ class TabularData(pl.LightningDataModule):
         """The sizes a model needs: ``task``, ``in_features``, ``num_outputs``, ``input_shape``."""
         return dict(task=self.task, in_features=self.num_features, num_outputs=self.num_outputs, input_shape=self.input_shape)
 
+    @property
+    def train_batch_size(self) -> int:
+        return self.batch_size or len(self.splits["train"])
+
+    @property
+    def train_batches(self) -> int:
+        """Training batches per epoch (the last one may be partial)."""
+        return math.ceil(len(self.splits["train"]) / self.train_batch_size)
+
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True, generator=generator)
+        return DataLoader(self.splits["train"], batch_size=self.train_batch_size, shuffle=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], batch_size=len(self.splits["val"]))

@@ -48,6 +48,10 @@ class TaskModel(pl.LightningModule):
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.task, self.optimizer_name, self.lr = task, optimizer, lr
         self.weight_decay, self.momentum = weight_decay, momentum
         self.in_features, self.num_outputs = in_features, num_outputs

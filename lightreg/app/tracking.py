@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightreg.app.config import ConfigError, RunContext
+from lightreg.app.validate import check_arguments
 
 WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 
@@ -39,9 +40,12 @@ def build_logger(node: DictConfig | None, cfg: DictConfig, ctx: RunContext) -> L
     assert isinstance(kwargs, dict)
     if kwargs.get("save_dir") is None:
         kwargs["save_dir"] = str(ctx.output_dir)
-    if kwargs["_target_"] != WANDB_TARGET:
-        return instantiate(kwargs)
-    mode = wandb_mode(kwargs.pop("offline", None))
+    target = kwargs.pop("_target_")
+    offline = kwargs.pop("offline", None) if target == WANDB_TARGET else None  # null is ours: see wandb_mode
+    check_arguments(get_class(target), kwargs, "logger")
+    if target != WANDB_TARGET:
+        return instantiate({"_target_": target, **kwargs}, _convert_="all")
+    mode = wandb_mode(offline)
     if mode not in ("offline", "online", "disabled", "shared"):
         raise ConfigError(f"W&B mode must be offline, online or disabled, got {mode!r} (from WANDB_MODE)")
     if mode != "online" and kwargs.get("log_model"):
@@ -52,7 +56,11 @@ def build_logger(node: DictConfig | None, cfg: DictConfig, ctx: RunContext) -> L
     kwargs["tags"] = [*choice_tags, *(kwargs.get("tags") or []), *(cfg.get("tags") or [])]
     kwargs["job_type"] = "sweep" if ctx.multirun else "train"
     # offline=False keeps Lightning from rewriting WANDB_MODE for the rest of the process; mode decides.
-    return instantiate(kwargs, offline=False, mode=mode)
+    logger = instantiate({"_target_": target, **kwargs}, offline=False, mode=mode, _convert_="all")
+    # WandbLogger passes anonymous=None to wandb.init, which warns that the setting is deprecated
+    # whatever its value; leaving it out changes nothing else.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def log_config(logger: Logger | None, cfg: DictConfig) -> None:
@@ -84,10 +92,10 @@ def finish_wandb(logger: Logger | None, summary: dict[str, float] | None, exit_c
     return f"W&B run: {url}" if url else None
 
 
-def abort_wandb() -> None:
-    """Finish any open W&B run as failed, so the next job of a sweep starts a fresh one."""
+def abort_wandb(exit_code: int = 1) -> None:
+    """Finish any open W&B run as failed (``exit_code`` != 0), so the next job of a sweep starts a fresh one."""
     import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1)
+        wandb.finish(exit_code=exit_code)
