@@ -183,7 +183,7 @@ def test_experiment_options(option):
         "lasso_diabetes": ("diabetes", models.Linear, lightreg.L1(0.1)),
         "sparse_mlp_digits": ("digits", models.MLP, lightreg.L1(3e-3)),
         "group_lasso_features": ("synthetic", models.Linear, lightreg.GroupLasso(0.1, dim=1)),
-        "feature_selection_digits": ("digits", models.MLP, lightreg.GroupLasso(0.05, dim=1)),
+        "feature_selection_digits": ("digits", models.MLP, lightreg.GroupLasso(0.005, dim=1)),
     }[option]
     assert (data.name, type(model), reg.penalty) == expected
     reg.select(model)  # include/exclude globs name real parameters

@@ -16,7 +16,7 @@ from lightreg.app.config import RunContext
 from lightreg.app.feature_map import draw_feature_map, used_features
 from lightreg.app.train import run
 from tests.test_app_run import compose_cfg
-from tests.test_monitor_wandb import finished_records, items
+from tests._readers import finished_wandb_records as finished_records, items
 
 ROOT = Path(__file__).resolve().parents[1]
 
