@@ -64,7 +64,7 @@ def run_or_exit(cfg: Any, ctx: Any = None) -> float | None:
         _abort_wandb(1)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(f"{_short(err)}\n  (set HYDRA_FULL_ERROR=1 for the traceback)")
+        fail(f"{_short(err)} (HYDRA_FULL_ERROR=1 shows the traceback)")
     except BaseException as err:
         if _stopped_by_sigterm(err):
             _abort_wandb(SIGTERM_EXIT)
