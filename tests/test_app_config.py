@@ -181,7 +181,7 @@ def test_experiment_options(option):
     model = build.build_model(cfg, data)
     expected = {
         "lasso_diabetes": ("diabetes", models.Linear, lightreg.L1(0.1)),
-        "sparse_mlp_digits": ("digits", models.MLP, lightreg.L1(3e-3)),
+        "sparse_mlp_digits": ("digits", models.MLP, lightreg.L1(3e-4)),
         "group_lasso_features": ("synthetic", models.Linear, lightreg.GroupLasso(0.1, dim=1)),
         "feature_selection_digits": ("digits", models.MLP, lightreg.GroupLasso(0.005, dim=1)),
     }[option]
