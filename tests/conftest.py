@@ -21,3 +21,25 @@ def _isolated_run_dirs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: reductions then sum in one order, for bit-exact comparisons."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64():
+    """float64 as torch's default dtype for the test: exact comparisons with written-out formulas."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

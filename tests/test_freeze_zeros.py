@@ -77,11 +77,8 @@ def hand_loop(model: Net, zeros: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Bit-exact comparisons with a hand-written loop: one thread sums in one order."""
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))

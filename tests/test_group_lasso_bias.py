@@ -99,11 +99,8 @@ def batch():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Bit-exact comparisons with a hand-written loop: one thread sums in one order."""
 
 
 @pytest.mark.parametrize("mode", ["proximal", "gradient"])

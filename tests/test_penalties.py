@@ -10,11 +10,8 @@ from tests.oracles import explicit_prox, explicit_value
 
 
 @pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+def _float64(float64):
+    """Exact comparisons (optimizer scalars such as ``step`` take the default dtype too)."""
 
 
 PENALTIES = [L1(0.3), L2(0.7), ElasticNet(0.5, l1_ratio=0.3), ElasticNet(0.5, 1.0), ElasticNet(0.5, 0.0),

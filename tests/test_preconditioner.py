@@ -16,12 +16,8 @@ from lightreg.preconditioner import LazySteps, is_preconditioned, scalar_step, s
 
 
 @pytest.fixture(autouse=True)
-def _float64():
-    """Optimizer scalars (``step``, NAdam's ``mu_product``) take the default dtype: float64 makes them exact."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+def _float64(float64):
+    """Exact comparisons (optimizer scalars such as ``step`` take the default dtype too)."""
 
 
 STEPS = 8  # RAdam's rho_t passes 5 at step 6 with beta2 = 0.999: both branches are covered

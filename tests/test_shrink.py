@@ -211,15 +211,6 @@ def test_bad_structures_are_named():
         shrink_report(nn.Linear(2, 2))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny float64 steps: a second OpenMP thread on a shared machine only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_group_lasso_fit_keeps_exactly_the_true_inputs(capsys, one_thread):
     """Proximal full-batch SGD with a column group lasso on the first layer, where only 5 of 50 inputs matter:
     the shrunk model takes exactly those 5 (the problem's own support is the oracle), with the same outputs."""

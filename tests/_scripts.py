@@ -1,0 +1,19 @@
+"""Load a script of scripts/ as a module, for tests of its pure parts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as the module ``lightreg_<name>`` (registered: dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(f"lightreg_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
