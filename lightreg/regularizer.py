@@ -14,8 +14,8 @@ from torch import Tensor
 from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns, check_regularizer
 from lightreg.binding import Binding, is_uninitialized, unwrap
 from lightreg.distributed import is_dtensor, local_tensor, shard_reduction, sum_values
-from lightreg.loggers import is_log_step, log_scalars
 from lightreg.group_lasso import with_biases
+from lightreg.loggers import is_log_step, log_scalars
 from lightreg.penalty import Penalty, Step
 from lightreg.preconditioner import LazySteps, is_preconditioned, scalar_step, step_formula, step_rule, warn_unknown_adaptive
 from lightreg.schedules import scheduled_factor
@@ -40,7 +40,8 @@ class Regularizer(Callback):
     step (``L2`` with Adam is AdamW); ``proximal`` (default) applies ``prox_{t R}`` right after the step
     (exact zeros; ISTA with SGD), ``t`` the step the optimizer took: per coordinate ``lr / (sqrt(v̂) + eps)``
     for Adam, AdamW, NAdam, RAdam, RMSprop and Adagrad (``lightreg.preconditioner``), so that the fixed
-    points are the stationary points of ``loss + R`` with those optimizers too; ``lr`` for the others.
+    points are the stationary points of ``loss + R`` with those optimizers too; ``lr (1 - dampening) / (1 -
+    momentum)`` for SGD with momentum, ``lr`` for the others.
     Every mode acts once per real step on exactly the parameters the optimizer steps (``.grad`` of
     ``None``: skipped, as torch skips it), with the group's ``lr`` then.
 
