@@ -60,6 +60,10 @@ class GroupLasso(Penalty):
     name = "group_lasso"
     makes_zeros = True
 
+    @property
+    def coordinate_steps(self) -> bool:  # type: ignore[override]
+        return not self.with_bias  # a (row, bias) pair has no per-coordinate prox here: one step per unit
+
     def __init__(self, alpha: float, dim: int = 0, with_bias: bool = False) -> None:
         super().__init__(alpha)
         self.dim = check_int("dim", dim)

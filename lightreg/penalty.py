@@ -80,6 +80,8 @@ class Penalty:
     makes_zeros = False
     #: ``R`` has no usable gradient (``L0``): only mode ``"proximal"`` can apply it.
     proximal_only = False
+    #: ``prox`` takes a per-coordinate step (a tensor); if not, an adaptive optimizer's prox takes its plain ``lr``.
+    coordinate_steps = True
 
     def __init__(self, alpha: float) -> None:
         self.alpha = check_real("alpha", alpha)

@@ -238,10 +238,10 @@ class Regularizer(Callback):
         parameter, computed when read) when it is a known adaptive optimizer and ``preconditioned``; else the
         param group's ``lr`` (one float for all of them)."""
         if self.preconditioned and is_preconditioned(optimizer):
-            if not getattr(self.penalty, "with_bias", False):
+            if self.penalty.coordinate_steps:
                 return LazySteps(step_rule(optimizer, group), params)
-            self._warn_once(optimizer, f"{self.penalty!r} joins each bias to its unit, whose prox has no per-coordinate "
-                            f"form: it takes the plain lr of {type(optimizer).__name__}")
+            self._warn_once(optimizer, f"{self.penalty!r} has no prox with a per-coordinate step: it takes the plain "
+                            f"lr of {type(optimizer).__name__}")
             return _lr(group)
         if self.preconditioned and optimizer.state and id(optimizer) not in self._checked_optimizers:
             self._checked_optimizers.add(id(optimizer))  # looked at once, after its first step

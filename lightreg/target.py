@@ -30,7 +30,7 @@ from lightreg.statistics import Reduction
 from lightreg.target_window import Point, SparsityWindow, check_point, check_ramp, resolve_window
 
 #: One param group's prox work: the names, the tensors the penalty acts on, and their steps (one float or one each).
-Work = tuple[Sequence[str], Sequence[Tensor], "float | Sequence[Step]"]
+Work = tuple[Sequence[str], Sequence[Tensor], float | Sequence[Step]]
 
 
 def selection_dtype(params: Sequence[Tensor]) -> torch.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,3 +18,9 @@ def load_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_script(name: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python scripts/<name>.py ARGS`` in its own process, as a user runs it; output captured as text."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)

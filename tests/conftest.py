@@ -4,6 +4,8 @@ import warnings
 import lightning.pytorch  # noqa: F401
 import pytest
 
+from tests._app import fresh_hydra  # noqa: F401 (a fixture for every test module that runs Hydra in process)
+
 # Lightning binds a StreamHandler to sys.stderr when first imported. Importing it here binds it to the session's
 # stream; imported first inside a test, it would bind to that test's captured stream, closed afterwards.
 

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 from omegaconf import OmegaConf
 
-from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, fresh_hydra, run_main  # noqa: F401 (a fixture)
+from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, run_main
 from tests._readers import wandb_run
 
 

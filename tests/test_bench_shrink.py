@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from tests._scripts import load_script
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "bench_shrink.py"
+from tests._scripts import load_script, run_script
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +40,7 @@ def test_the_timer_measures_each_net_on_its_own_passes(bench):
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
+    proc = run_script("bench_shrink", "--quick", "--json", str(out), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| model | params | units | forward, batch 256 |" in proc.stdout
     models = json.loads(out.read_text())["models"]

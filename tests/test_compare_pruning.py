@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests._scripts import load_script
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "compare_pruning.py"
+from tests._scripts import load_script, run_script
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +27,7 @@ def test_pruning_amounts_compose_to_the_cubic_schedule(compare):
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     out = tmp_path / "quick"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    proc = run_script("compare_pruning", "--quick", "--out", str(out), cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| mlp | adamw | 0.8 | lightreg-l0 |" in proc.stdout
     result = json.loads(out.with_suffix(".json").read_text())

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, fresh_hydra, run_main  # noqa: F401 (a fixture)
+from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, run_main
 from tests._readers import wandb_run
 from tests._spawn import free_port
 
