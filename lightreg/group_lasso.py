@@ -139,6 +139,8 @@ class GroupLasso(Penalty):
             if self._paired(w):
                 raise ValueError("GroupLasso(with_bias=True) takes one step per unit: use Regularizer(..., preconditioned=False)")
             return self._metric_prox_(w, step, alpha)
+        if step == 0.0:
+            return  # lr = 0: the identity (and no 0/0 for an all-zero group)
         if self._paired(w):
             return self._pair_or_nothing(w, lambda b: self.pair_prox_(w, b, step, alpha))
         # A group whose norm underflows to 0 (float32 entries of ~1e-23) is far below any threshold: the
@@ -196,7 +198,8 @@ class GroupLasso(Penalty):
             s3 = group_sum(q.pow_(3).div_(work).nan_to_num_(0.0))  # Σ u_i² / (r + λ t_i)³; 0 where u_i = 0
             r = r + (s.pow(1.5) - s) / s3
         r = torch.where(nonzero, r, torch.zeros_like(r)).view(shape)
-        work.mul_(torch.div(r, torch.add(r, t, alpha=lam, out=q), out=q))
+        # r = 0 and t = 0 (an all-zero group at lr = 0) is 0/0: the group stays 0.
+        work.mul_(torch.div(r, torch.add(r, t, alpha=lam, out=q), out=q).nan_to_num_(0.0))
         if work is not u:
             u.copy_(work)
 

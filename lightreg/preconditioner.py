@@ -21,8 +21,13 @@ Adagrad        ``clr / (sqrt(sum) + eps)``, ``clr = lr / (1 + (step - 1) * lr_de
 SGD            ``lr * (1 - dampening) / (1 - momentum)`` (a float): the momentum buffer settles at
                ``(1 - dampening) * g / (1 - momentum)``, so with the plain ``lr`` the fixed points would be
                those of ``loss + (1 - momentum) * R``; nesterov settles at the same step
-any other      ``lr`` (a float)
+ASGD           ``eta = lr / (1 + lambd * lr * (step - 1))^alpha`` (a float: the eta of the step just taken)
+any other      ``lr`` (a float), with one warning naming the class; :func:`register_step_rule` gives its rule
 =============  ===========================================================================================
+
+A coordinate the optimizer has not stepped yet (``v = 0``), which would take ``lr / eps``, takes the tensor's
+typical step instead, that of the mean ``v`` of its stepped coordinates (``lightreg.adaptive_step``). A step with
+``lr = 0`` is 0. A Lookahead-style wrapper (``base_optimizer``/``optimizer`` attribute) is looked through to the optimizer that computes the step.
 
 The optimizer's own ``weight_decay`` (coupled or decoupled) and ``maximize`` do not change the metric;
 ``foreach``, ``fused`` and ``capturable`` keep the same state (``capturable``/``fused`` keep ``step`` on the
@@ -33,17 +38,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from lightreg.adaptive_step import AdaptiveStep, adaptive_step
 from lightreg.binding import unwrap
-from lightreg.distributed import local_tensor
 from lightreg.penalty import Step
 
 #: A function ``param -> step`` for the parameters of one param group (one float or one tensor each).
 StepRule = Callable[[Tensor], Step]
+#: What a rule returns before the bound: a float, a tensor, or an :class:`AdaptiveStep` (anything with ``bounded()``).
+Metric = Any
+MetricRule = Callable[[Tensor], Metric]
 
 #: Optimizer state names that mark a per-coordinate adaptive step lightreg does not know.
 ADAPTIVE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta", "step_size",
@@ -74,46 +82,38 @@ def _sqrt(x: float | Tensor) -> float | Tensor:
     return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
 
 
-def _over(numerator: float | Tensor, denominator: Tensor) -> Tensor:
-    """``numerator / denominator`` written into ``denominator`` (the one temporary)."""
-    return denominator.reciprocal_().mul_(numerator)
-
-
-def _adam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
+def _adam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
     lr, beta2, eps = float(group["lr"]), float(group["betas"][1]), float(group["eps"])
     key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
 
-    def rule(p: Tensor) -> Step:
+    def rule(p: Tensor) -> Metric:
         state = optimizer.state[p]
-        step = _count(state)
-        denom = local_tensor(state[key]).sqrt().div_(_sqrt(1 - beta2**step)).add_(eps)
-        return _over(lr, denom)
+        return adaptive_step(lr, state[key], _sqrt(1 - beta2 ** _count(state)), eps, lr)
 
     return rule
 
 
-def _nadam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
+def _nadam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
     lr, (beta1, beta2), eps = float(group["lr"]), (float(b) for b in group["betas"]), float(group["eps"])
     psi = float(group["momentum_decay"])
 
-    def rule(p: Tensor) -> Step:
+    def rule(p: Tensor) -> Metric:
         state = optimizer.state[p]
         step = _count(state)
         mu_product = _count({"step": state["mu_product"]})
         mu, mu_next = (beta1 * (1.0 - 0.5 * 0.96 ** (k * psi)) for k in (step, step + 1))
         # On a constant gradient g (so exp_avg -> g) NAdam moves by lr * c * g / denom: c is part of its step.
         c = (1.0 - mu) / (1.0 - mu_product) + mu_next / (1.0 - mu_product * mu_next)
-        denom = local_tensor(state["exp_avg_sq"]).div(1 - beta2**step).sqrt_().add_(eps)
-        return _over(lr * c, denom)
+        return adaptive_step(lr * c, state["exp_avg_sq"], _sqrt(1 - beta2**step), eps, lr)
 
     return rule
 
 
-def _radam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
+def _radam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
     lr, beta2, eps = float(group["lr"]), float(group["betas"][1]), float(group["eps"])
     rho_inf = 2 / (1 - beta2) - 1
 
-    def rule(p: Tensor) -> Step:
+    def rule(p: Tensor) -> Metric:
         state = optimizer.state[p]
         step = _count(state)
         bias_correction2 = 1 - beta2**step
@@ -121,41 +121,64 @@ def _radam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Step
         if not isinstance(rho_t, Tensor) and rho_t <= 5.0:
             return lr  # an unrectified step is lr * m_hat: momentum SGD with step lr
         rect = _sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-        t = _over(lr * rect * _sqrt(bias_correction2), local_tensor(state["exp_avg_sq"]).sqrt().add_(eps))
-        return t if not isinstance(rho_t, Tensor) else t.masked_fill_(rho_t <= 5.0, lr)
+        numerator = lr * rect * _sqrt(bias_correction2)
+        if isinstance(rho_t, Tensor):  # a device step count: the unrectified case without a host read
+            return _RAdamDevice(adaptive_step(numerator, state["exp_avg_sq"], 1.0, eps, lr), rho_t <= 5.0, lr)
+        return adaptive_step(numerator, state["exp_avg_sq"], 1.0, eps, lr)
 
     return rule
 
 
-def _rmsprop_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
+class _RAdamDevice(NamedTuple):
+    """RAdam with its step count on the device: the rectified step, or ``lr`` where ``rho_t <= 5``."""
+
+    step: AdaptiveStep
+    unrectified: Tensor
+    lr: float
+
+    def bounded(self) -> Tensor:
+        return self.step.bounded().masked_fill_(self.unrectified, self.lr)
+
+    def unbounded(self) -> Tensor:
+        return self.step.unbounded().masked_fill_(self.unrectified, self.lr)
+
+
+def _rmsprop_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
     lr, eps, momentum = float(group["lr"]), float(group["eps"]), float(group["momentum"])
     centered = group["centered"]
 
-    def rule(p: Tensor) -> Step:
+    def rule(p: Tensor) -> Metric:
         state = optimizer.state[p]
-        avg = local_tensor(state["square_avg"])
+        avg = state["square_avg"]
         if centered:
-            grad_avg = local_tensor(state["grad_avg"])
-            avg = avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
-        else:
-            avg = avg.sqrt()
-        return _over(lr / (1.0 - momentum), avg.add_(eps))
+            avg = avg.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
+        return adaptive_step(lr / (1.0 - momentum), avg, 1.0, eps, lr / (1.0 - momentum))
 
     return rule
 
 
-def _adagrad_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
+def _adagrad_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
     lr, eps, lr_decay = float(group["lr"]), float(group["eps"]), float(group["lr_decay"])
 
-    def rule(p: Tensor) -> Step:
+    def rule(p: Tensor) -> Metric:
         state = optimizer.state[p]
         clr = lr / (1 + (_count(state) - 1) * lr_decay)
-        return _over(clr, local_tensor(state["sum"]).sqrt().add_(eps))
+        return adaptive_step(clr, state["sum"], 1.0, eps, lr)
 
     return rule
 
 
-RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], StepRule]] = {
+def _asgd_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
+    lr, lambd, alpha = float(group["lr"]), float(group["lambd"]), float(group["alpha"])
+
+    def rule(p: Tensor) -> Metric:
+        # state["eta"] already holds the NEXT step's eta; the step just taken used the one before it.
+        return lr / ((1 + lambd * lr * (_count(optimizer.state[p]) - 1)) ** alpha)
+
+    return rule
+
+
+RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]] = {
     torch.optim.Adam: _adam_rule,
     torch.optim.AdamW: _adam_rule,
     torch.optim.NAdam: _nadam_rule,
@@ -163,17 +186,89 @@ RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], StepRule]] =
     torch.optim.RMSprop: _rmsprop_rule,
     torch.optim.Adagrad: _adagrad_rule,
 }
+#: Optimizers whose step is one number per parameter, known by name: no per-coordinate metric, no warning.
+SCALAR_RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]] = {
+    torch.optim.ASGD: _asgd_rule,
+}
+#: Rules registered with :func:`register_step_rule` (a user's own optimizer).
+REGISTERED: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]] = {}
+#: Attributes under which a wrapper (Lookahead-style) keeps the optimizer that computes the step.
+WRAPPED = ("base_optimizer", "optimizer", "_base_optimizer")
+
+
+def register_step_rule(optimizer_class: type, make_rule: Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]) -> None:
+    """Tell lightreg the step ``optimizer_class`` takes, for the proximal step (``preconditioned=True``).
+
+    ``make_rule(optimizer, group)`` is called after each step with a live param group and returns ``param -> step``:
+    a float (the one step every coordinate took), a tensor shaped like the parameter (taken as it is), or an
+    :class:`~lightreg.adaptive_step.AdaptiveStep` ``numerator / (sqrt(v) / divisor + eps)``, which lightreg bounds by
+    the tensor's typical step (``docs/extending.md``). The exact class is matched; a registered class is not warned
+    about.
+
+    Example:
+        >>> class Lion(torch.optim.SGD): ...  # a sign-based optimizer: its step is lr per unit of sign
+        >>> register_step_rule(Lion, lambda opt, group: lambda p: float(group["lr"]))
+        >>> p = torch.nn.Parameter(torch.ones(1)); opt = Lion([p], lr=0.1); is_known(opt)
+        True
+        >>> del REGISTERED[Lion]
+    """
+    if not isinstance(optimizer_class, type):
+        raise TypeError(f"optimizer_class must be a class, got {optimizer_class!r}")
+    if not callable(make_rule):
+        raise TypeError(f"make_rule must be callable, got {make_rule!r}")
+    REGISTERED[optimizer_class] = make_rule
+
+
+def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer that computes the step: a ``LightningOptimizer`` and Lookahead-style wrappers (an attribute
+    ``base_optimizer``, ``optimizer`` or ``_base_optimizer`` holding a torch optimizer) are unwrapped.
+
+    Example:
+        >>> inner = torch.optim.Adam([torch.nn.Parameter(torch.ones(1))])
+        >>> class Lookahead(torch.optim.Optimizer):
+        ...     def __init__(self, optimizer):
+        ...         self.optimizer, self.param_groups, self.state = optimizer, optimizer.param_groups, optimizer.state
+        >>> base_optimizer(Lookahead(inner)) is inner
+        True
+    """
+    optimizer = unwrap(optimizer)
+    for _ in range(8):  # a chain of wrappers, never a cycle
+        if type(optimizer) in RULES or type(optimizer) in REGISTERED:
+            return optimizer
+        inner = next((getattr(optimizer, a) for a in WRAPPED if isinstance(getattr(optimizer, a, None), torch.optim.Optimizer)), None)
+        if inner is None or inner is optimizer:
+            return optimizer
+        optimizer = unwrap(inner)
+    return optimizer
+
+
+def _make(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule] | None:
+    cls = type(optimizer)
+    return REGISTERED.get(cls) or RULES.get(cls) or SCALAR_RULES.get(cls)
+
+
+def is_known(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether lightreg knows ``optimizer``'s step by its class (built in, SGD, or registered): no warning.
+
+    Example:
+        >>> is_known(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+        True
+    """
+    optimizer = base_optimizer(optimizer)
+    return type(optimizer) is torch.optim.SGD or _make(optimizer) is not None
 
 
 def is_preconditioned(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer``'s class has a known per-coordinate step (exact class: a subclass may change it).
+    """Whether ``optimizer``'s class has a known per-coordinate step (exact class: a subclass may change it), built
+    in or registered; a Lookahead-style wrapper is looked through.
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(1))
         >>> is_preconditioned(torch.optim.AdamW([p])), is_preconditioned(torch.optim.SGD([p], lr=0.1))
         (True, False)
     """
-    return type(unwrap(optimizer)) in RULES
+    optimizer = base_optimizer(optimizer)
+    return type(optimizer) in RULES or type(optimizer) in REGISTERED
 
 
 def step_formula(optimizer: torch.optim.Optimizer, preconditioned: bool = True) -> str:
@@ -183,19 +278,42 @@ def step_formula(optimizer: torch.optim.Optimizer, preconditioned: bool = True) 
         >>> step_formula(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
         'SGD: lr'
     """
-    name = type(unwrap(optimizer)).__name__
-    if preconditioned and is_preconditioned(optimizer):
-        return f"{name}: {FORMULAS[name]}"
-    momentum = preconditioned and name == "SGD" and any(g.get("momentum", 0.0) for g in unwrap(optimizer).param_groups)
+    base = base_optimizer(optimizer)
+    name = type(base).__name__
+    if preconditioned and name in FORMULAS and type(base) in RULES:
+        return f"{name}: {FORMULAS[name]}, where v = 0: the typical step (mean v of the stepped)"
+    if preconditioned and type(base) in REGISTERED:
+        return f"{name}: its registered step rule"
+    if preconditioned and type(base) is torch.optim.ASGD:
+        return f"{name}: eta = lr / (1 + lambd * lr * (step - 1))^alpha"
+    momentum = preconditioned and name == "SGD" and any(g.get("momentum", 0.0) for g in base.param_groups)
     return f"{name}: {'lr * (1 - dampening) / (1 - momentum)' if momentum else 'lr'}"
 
 
+def _bounded(metric: Metric) -> Step:
+    return metric if isinstance(metric, (float, int, Tensor)) else metric.bounded()
+
+
+def metric_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule | None:
+    """``param -> metric``: what ``step_rule`` bounds, unevaluated (an :class:`AdaptiveStep` for the adaptive
+    optimizers, which a fused kernel reads without making ``t``); ``None`` without a known rule or when ``lr = 0``."""
+    optimizer = base_optimizer(optimizer)
+    make = _make(optimizer)
+    lr = float(group["lr"])
+    if make is None or lr == 0.0:
+        return None
+    rule = make(optimizer, group)
+    return lambda p: rule(p) if optimizer.state.get(p) else lr
+
+
 def step_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRule:
-    """``param -> t``: the step ``optimizer`` just took on each coordinate of a parameter of ``group``.
+    """``param -> t``: the step ``optimizer`` just took on each coordinate of a parameter of ``group``, bounded.
 
     A tensor shaped like the parameter (its local shard under FSDP2), or the float ``lr`` for optimizers
-    without a known per-coordinate step and for a parameter the optimizer has no state for. Call it after
-    ``optimizer.step()``; each call makes one temporary of the parameter's size.
+    without a known per-coordinate step and for a parameter the optimizer has no state for; ``0.0`` when the
+    group's ``lr`` is 0 (the prox is then the identity). The per-coordinate step is bounded by the tensor's typical
+    one where the optimizer has not stepped yet (``v = 0``, ``lightreg.adaptive_step``): such a coordinate is not wiped.
+    Call it after ``optimizer.step()``; each call makes one temporary of the parameter's size.
 
     Example:
         >>> p = torch.nn.Parameter(torch.tensor([1.0, -2.0])); opt = torch.optim.Adam([p], lr=0.1)
@@ -203,13 +321,13 @@ def step_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> StepRu
         >>> step_rule(opt, opt.param_groups[0])(p)  # first step: v_hat = g², t = lr / (|g| + eps)
         tensor([0.2000, 0.0250])
     """
-    optimizer = unwrap(optimizer)
-    make = RULES.get(type(optimizer))
     lr = float(group["lr"])
-    if make is None:
+    if lr == 0.0:
+        return lambda p: 0.0
+    rule = metric_rule(optimizer, group)
+    if rule is None:
         return lambda p: lr
-    rule = make(optimizer, group)
-    return lambda p: rule(p) if optimizer.state.get(p) else lr
+    return lambda p: _bounded(rule(p))
 
 
 def scalar_step(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
@@ -225,7 +343,7 @@ def scalar_step(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> floa
         1.0
     """
     lr = float(group["lr"])
-    if type(unwrap(optimizer)) is torch.optim.SGD and group.get("momentum", 0.0):
+    if type(base_optimizer(optimizer)) is torch.optim.SGD and group.get("momentum", 0.0):
         return lr * (1.0 - float(group.get("dampening", 0.0))) / (1.0 - float(group["momentum"]))
     return lr
 
@@ -233,37 +351,49 @@ def scalar_step(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> floa
 def unknown_adaptive_state(optimizer: torch.optim.Optimizer) -> list[str]:
     """The per-coordinate state names (``exp_avg_sq``...) of an optimizer whose step lightreg does not know.
 
-    Empty for supported optimizers and for optimizers without such state (SGD). Look at it after a step.
+    Empty for known optimizers and for optimizers without such state (SGD). Look at it after a step.
 
     Example:
         >>> p = torch.nn.Parameter(torch.ones(1)); p.grad = torch.ones(1)
         >>> opt = torch.optim.Adamax([p]); opt.step(); unknown_adaptive_state(opt)
         ['exp_inf']
     """
-    optimizer = unwrap(optimizer)
-    if is_preconditioned(optimizer):
+    optimizer = base_optimizer(optimizer)
+    if is_known(optimizer):
         return []
     keys = {k for state in optimizer.state.values() for k in state}
     return [k for k in ADAPTIVE_STATE if k in keys]
 
 
-def warn_unknown_adaptive(optimizer: torch.optim.Optimizer, who: str, warn: Callable[[str], Any]) -> None:
-    """Warn (through ``warn``) when ``optimizer`` keeps per-coordinate state whose step lightreg does not know."""
+def unknown_optimizer_message(optimizer: torch.optim.Optimizer, who: str) -> str | None:
+    """The one warning for an optimizer whose step lightreg does not know (``None`` for a known one): it names the
+    class, any per-coordinate state it keeps, and how to give its rule."""
+    if is_known(optimizer):
+        return None
+    name = type(base_optimizer(optimizer)).__name__
     keys = unknown_adaptive_state(optimizer)
-    if keys:
-        warn(f"{who}: {type(unwrap(optimizer)).__name__} keeps per-coordinate state {keys} but its step is not known "
-             "to lightreg; the prox uses the plain lr (override Regularizer.prox_steps).")
+    kept = f" keeps per-coordinate state {keys} but" if keys else ""
+    return (f"{who}: {name}{kept} is not an optimizer whose step lightreg knows; the prox takes its plain lr. Give its "
+            f"step with lightreg.register_step_rule({name}, ...) (docs/extending.md), or pass preconditioned=False.")
+
+
+def warn_unknown_adaptive(optimizer: torch.optim.Optimizer, who: str, warn: Callable[[str], Any]) -> None:
+    """Warn (through ``warn``) when lightreg does not know ``optimizer``'s step (see :func:`unknown_optimizer_message`)."""
+    message = unknown_optimizer_message(optimizer, who)
+    if message:
+        warn(message)
 
 
 class LazySteps(Sequence):
     """The steps of ``params`` under ``rule``, each computed when read and not kept.
 
     A list of per-coordinate steps would hold a temporary the size of the whole selection; this sequence
-    holds none, so a loop over it keeps at most the current parameter's step alive.
+    holds none, so a loop over it keeps at most the current parameter's step alive. ``metric`` (optional) is the
+    rule unevaluated (``metric_rule``), from which a fused kernel computes the bounded step and the prox in one pass.
     """
 
-    def __init__(self, rule: StepRule, params: Sequence[Tensor]) -> None:
-        self.rule, self.params = rule, params
+    def __init__(self, rule: StepRule, params: Sequence[Tensor], metric: MetricRule | None = None) -> None:
+        self.rule, self.params, self.metric = rule, params, metric
 
     def __len__(self) -> int:
         return len(self.params)
@@ -273,3 +403,8 @@ class LazySteps(Sequence):
 
     def __iter__(self) -> Iterator[Step]:
         return (self.rule(p) for p in self.params)
+
+
+def has_step_rule(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether lightreg has a step rule for ``optimizer`` beyond the group's ``lr`` (adaptive, ASGD, registered)."""
+    return _make(base_optimizer(optimizer)) is not None

@@ -17,7 +17,9 @@ from lightreg.distributed import is_dtensor, local_tensor, shard_reduction, sum_
 from lightreg.group_lasso import with_biases
 from lightreg.loggers import is_log_step, log_scalars
 from lightreg.penalty import Penalty, Step
-from lightreg.preconditioner import LazySteps, is_preconditioned, scalar_step, step_formula, step_rule, warn_unknown_adaptive
+from lightreg.fused_prox import apply_prox
+from lightreg.preconditioner import (LazySteps, has_step_rule, is_preconditioned, metric_rule, scalar_step, step_formula,
+                                      step_rule, unknown_optimizer_message)
 from lightreg.schedules import scheduled_factor
 from lightreg.selection import describe_selection, select_parameters, sparse_gradient_parameters
 from lightreg.step_hooks import StepHooks
@@ -229,23 +231,22 @@ class Regularizer(Callback):
             alpha = self.alpha = self._target.alpha_after_step(self._last_step, self.penalty, work, reduction)
         if alpha != 0.0:  # the prox at alpha 0 is the identity
             for _, operands, steps in work:
-                self.penalty.apply_prox_(operands, steps, alpha)
+                apply_prox(self.penalty, operands, steps, alpha)  # a fused kernel where one applies
 
     def prox_steps(
         self, optimizer: torch.optim.Optimizer, group: dict[str, Any], params: Sequence[Tensor]
     ) -> float | Sequence[Step]:
-        """The prox step of each parameter: the step ``optimizer`` just took on each coordinate (one tensor per
-        parameter, computed when read) when it is a known adaptive optimizer and ``preconditioned``; else the
-        param group's ``lr`` (one float for all of them)."""
-        if self.preconditioned and is_preconditioned(optimizer):
-            if self.penalty.coordinate_steps:
-                return LazySteps(step_rule(optimizer, group), params)
+        """The prox step of each parameter: the step ``optimizer`` just took on each coordinate, bounded (one tensor
+        per parameter, computed when read) when its rule is known (``lightreg.preconditioner``; ``register_step_rule``)
+        and ``preconditioned``; else the param group's ``lr`` (one float for all of them); 0 when ``lr`` is 0."""
+        if self.preconditioned and has_step_rule(optimizer) and _lr(group) != 0.0:
+            if self.penalty.coordinate_steps or not is_preconditioned(optimizer):
+                return LazySteps(step_rule(optimizer, group), params, metric_rule(optimizer, group))
             self._warn_once(optimizer, f"{self.penalty!r} has no prox with a per-coordinate step: it takes the plain "
                             f"lr of {type(optimizer).__name__}")
             return _lr(group)
-        if self.preconditioned and optimizer.state and id(optimizer) not in self._checked_optimizers:
-            self._checked_optimizers.add(id(optimizer))  # looked at once, after its first step
-            warn_unknown_adaptive(optimizer, f"Regularizer {self.name!r}", rank_zero_warn)
+        if self.preconditioned:
+            self._warn_once(optimizer, None, unknown_optimizer_message(optimizer, f"Regularizer {self.name!r}"))
         return scalar_step(optimizer, group) if self.preconditioned else _lr(group)
 
     @torch.no_grad()
@@ -304,10 +305,11 @@ class Regularizer(Callback):
         self.steps_applied += bool(self._binding.groups(optimizer))
         self._stepped = True
 
-    def _warn_once(self, optimizer: torch.optim.Optimizer, message: str) -> None:
+    def _warn_once(self, optimizer: torch.optim.Optimizer, message: str | None, whole: str | None = None) -> None:
         if id(optimizer) not in self._checked_optimizers:
             self._checked_optimizers.add(id(optimizer))
-            rank_zero_warn(f"Regularizer {self.name!r}: {message}")
+            if message or whole:
+                rank_zero_warn(whole or f"Regularizer {self.name!r}: {message}")
 
     def _report_selection(self, pl_module: pl.LightningModule, selected: Sequence[tuple[str, Tensor]]) -> None:
         held = {id(p) for _, p in self.penalised()}

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lightreg import preconditioner
-from lightreg.preconditioner import LazySteps, is_preconditioned, scalar_step, step_formula, step_rule, unknown_adaptive_state
+from lightreg.preconditioner import (LazySteps, is_preconditioned, metric_rule, scalar_step, step_formula, step_rule,
+                                      unknown_adaptive_state)
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +30,12 @@ def _grads(n=STEPS, size=5, seed=0):
     # Gradients spanning orders of magnitude, so t differs strongly across coordinates.
     return [torch.randn(size, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, size, dtype=torch.float64)
             for _ in range(n)]
+
+
+def cap(v):
+    """The bound of the per-coordinate step: where v = 0 (never stepped), the mean v of the stepped coordinates."""
+    v = torch.as_tensor(v)
+    return torch.where(v > 0, v, v[v > 0].mean()) if (v > 0).any() else v
 
 
 class Adam:
@@ -48,7 +55,7 @@ class Adam:
         v_hat = (self.vmax if self.amsgrad else self.v) / (1 - self.b2**self.k)
         t = self.lr / (v_hat.sqrt() + self.eps)
         shrink = 1 - self.lr * self.wd if self.decoupled else 1.0
-        return t, theta * shrink - t * self.m / (1 - self.b1**self.k)
+        return t, self.lr / (cap(v_hat).sqrt() + self.eps), theta * shrink - t * self.m / (1 - self.b1**self.k)
 
 
 class NAdam(Adam):
@@ -64,9 +71,11 @@ class NAdam(Adam):
         self.m = self.b1 * self.m + (1 - self.b1) * g
         self.v = self.b2 * self.v + (1 - self.b2) * g * g
         c1, c2 = (1 - mu) / (1 - self.mu_product), mu_next / (1 - self.mu_product * mu_next)
-        denom = (self.v / (1 - self.b2**self.k)).sqrt() + self.eps
+        v_hat = self.v / (1 - self.b2**self.k)
+        denom = v_hat.sqrt() + self.eps
         # t is the step on a constant gradient g, where both terms move along g: lr * (c1 + c2) / denom.
-        return self.lr * (c1 + c2) / denom, theta - self.lr * (c1 * g + c2 * self.m) / denom
+        return (self.lr * (c1 + c2) / denom, self.lr * (c1 + c2) / (cap(v_hat).sqrt() + self.eps),
+                theta - self.lr * (c1 * g + c2 * self.m) / denom)
 
 
 class RAdam(Adam):
@@ -80,9 +89,10 @@ class RAdam(Adam):
         if rho > 5:
             rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
             t = self.lr * rect * math.sqrt(1 - self.b2**self.k) / (self.v.sqrt() + self.eps)
+            bounded = self.lr * rect * math.sqrt(1 - self.b2**self.k) / (cap(self.v).sqrt() + self.eps)
         else:
-            t = torch.full_like(g, self.lr)
-        return t, theta - t * m_hat
+            t = bounded = torch.full_like(g, self.lr)
+        return t, bounded, theta - t * m_hat
 
 
 class RMSprop:
@@ -93,9 +103,11 @@ class RMSprop:
     def update(self, theta, g):
         self.v = self.alpha * self.v + (1 - self.alpha) * g * g
         self.ga = self.alpha * self.ga + (1 - self.alpha) * g
-        avg = ((self.v - self.ga**2) if self.centered else self.v).sqrt() + self.eps
+        square = (self.v - self.ga**2) if self.centered else self.v
+        avg = square.sqrt() + self.eps
         self.buf = self.mu * self.buf + g / avg
-        return self.lr / (avg * (1 - self.mu)), theta - self.lr * self.buf
+        bounded = self.lr / (1 - self.mu) / (cap(square).sqrt() + self.eps)
+        return self.lr / (avg * (1 - self.mu)), bounded, theta - self.lr * self.buf
 
 
 class Adagrad:
@@ -106,7 +118,7 @@ class Adagrad:
         self.k += 1
         self.sum = self.sum + g * g
         t = self.lr / (1 + (self.k - 1) * self.lr_decay) / (self.sum.sqrt() + self.eps)
-        return t, theta - t * g
+        return t, self.lr / (1 + (self.k - 1) * self.lr_decay) / (cap(self.sum).sqrt() + self.eps), theta - t * g
 
 
 CASES = [
@@ -147,10 +159,14 @@ def test_step_of_each_optimizer_matches_its_documented_algorithm(case):
         theta = p.detach().clone()
         p.grad = g.clone()
         opt.step()
-        t_ref, theta_ref = oracle.update(theta, g)
+        t_ref, bounded_ref, theta_ref = oracle.update(theta, g)
         torch.testing.assert_close(p.detach(), theta_ref, rtol=1e-12, atol=1e-15, msg=f"oracle's update, step {k}")
-        t = torch.as_tensor(step_rule(opt, opt.param_groups[0])(p)).expand_as(p)  # RAdam's unrectified steps: lr
-        torch.testing.assert_close(t, t_ref, rtol=1e-12, atol=0, msg=f"step {k}")
+        metric = metric_rule(opt, opt.param_groups[0])(p)
+        t = torch.as_tensor(metric if isinstance(metric, float) else metric.unbounded()).expand_as(p)  # RAdam unrectified: lr
+        torch.testing.assert_close(t, t_ref, rtol=1e-12, atol=0, msg=f"the optimizer's own step, step {k}")
+        bounded = torch.as_tensor(step_rule(opt, opt.param_groups[0])(p)).expand_as(p)
+        torch.testing.assert_close(bounded, bounded_ref, rtol=1e-12, atol=0, msg=f"the bounded step, step {k}")
+        assert (bounded <= t * (1 + 1e-12)).all()
 
 
 def test_maximize_keeps_the_metric():
