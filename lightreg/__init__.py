@@ -33,6 +33,7 @@ _SOURCES = {
     "WeightMonitor": "lightreg.monitor",
     "print_report": "lightreg.report",
     "print_shrink_report": "lightreg.shrink_table",
+    "register_step_rule": "lightreg.preconditioner",
     "select_parameters": "lightreg.selection",
     "shrink": "lightreg.shrink",
     "shrink_report": "lightreg.shrink_table",
@@ -56,6 +57,7 @@ __all__ = [
     "WeightMonitor",
     "print_report",
     "print_shrink_report",
+    "register_step_rule",
     "select_parameters",
     "shrink",
     "shrink_report",
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     from lightreg.l0 import L0
     from lightreg.monitor import WeightMonitor
     from lightreg.penalty import Penalty
+    from lightreg.preconditioner import register_step_rule
     from lightreg.regularizer import Regularizer
     from lightreg.report import print_report, sparsity_report
     from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow
