@@ -235,4 +235,4 @@ def test_asgd_step_is_the_eta_it_took():
         p.grad = torch.randn(4, generator=g, dtype=torch.float64)
         opt.step()
         eta = (before - p.detach()) / (0.05 * before + p.grad)
-        torch.testing.assert_close(torch.full_like(eta, step_rule(opt, opt.param_groups[0])(p)), eta, rtol=1e-10, atol=0)
+        torch.testing.assert_close(torch.full_like(eta, step_rule(opt, opt.param_groups[0])(p)), eta, rtol=1e-6, atol=0)  # eta is kept in float32
