@@ -23,6 +23,11 @@ not see); on CUDA from ``torch.cuda.max_memory_allocated``. The default clock on
 time with one torch thread: time other processes take from the machine is not counted, which keeps
 ratios stable on shared cores. ``--clock wall --threads 2`` measures wall time on both cores instead.
 
+The tables lead with the DEFAULT configuration, ``Regularizer(penalty)`` (proximal, preconditioned), per optimizer:
+Adam (every configuration) and SGD with momentum 0.9 (a second fit: the defaults, the hand-written penalty and the
+floor). The fused prox kernels are compiled before the timed steps, as a long fit compiles them
+(``lightreg.fused_prox``); ``l1/proximal_eager`` is the same default on a short run, before compiling pays.
+
 Run ``python scripts/bench.py`` (a few minutes), ``--quick`` for a smoke run, ``--json out.json``.
 """
 
@@ -51,10 +56,15 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor
+from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor, fused_prox
 from lightreg.selection import select_parameters
 
 ALPHA, LR = 1e-4, 1e-3
+#: The optimizers of the fits: Adam for every configuration, SGD with momentum for the defaults.
+OPTIMIZERS = {"adam": ("Adam", lambda ps: torch.optim.Adam(ps, lr=LR)),
+              "sgd": ("SGD, momentum 0.9", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9))}
+#: The rows each optimizer's fit runs besides the defaults (None: every configuration).
+SGD_ROWS = ("none", "floor", "hand_l1_in_loss")
 PENALTIES = {"l1": lambda: L1(ALPHA), "l2": lambda: L2(ALPHA), "elastic_net": lambda: ElasticNet(ALPHA, 0.5),
              "group_lasso": lambda: GroupLasso(ALPHA, dim=0), "l0": lambda: L0(ALPHA)}
 MODES = ("gradient", "decoupled", "proximal")
@@ -66,7 +76,25 @@ EXTRA_ROWS = {
     "group_lasso/proximal_lr": ("group_lasso", dict(preconditioned=False)),
     "l1/target": ("l1", TARGET), "l0/target": ("l0", TARGET), "group_lasso/target": ("group_lasso", TARGET),
     "l1/target_every10": ("l1", dict(TARGET, target_every=10)),
+    "l1/proximal_eager": ("l1", dict(eager=True)),
 }
+
+
+def default_rows() -> list[str]:
+    """The default configuration of each penalty, ``Regularizer(penalty)``: the rows every table leads with."""
+    return [f"{p}/proximal" for p in PENALTIES]
+
+
+class EagerRegularizer(Regularizer):
+    """The default Regularizer before the fused kernels are compiled: the eager reference, what a short run costs."""
+
+    @torch.no_grad()
+    def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
+        saved, fused_prox.COMPILE_AFTER_ELEMENTS = fused_prox.COMPILE_AFTER_ELEMENTS, float("inf")
+        try:
+            super().apply_proximal(optimizer, alpha)
+        finally:
+            fused_prox.COMPILE_AFTER_ELEMENTS = saved
 #: Scalar bookkeeping tensors (a step count, an lr) that the memory target does not count.
 SLACK_BYTES = 1024
 #: The k-th level's radix selection: a histogram of 65537 int64 counters, and bincount's own output on CPU.
@@ -148,9 +176,9 @@ class BenchModule(pl.LightningModule):
     (Adam's, coupled) or with ``decoupled_weight_decay`` (exactly ``torch.optim.AdamW``).
     """
 
-    def __init__(self, net: nn.Module, probe: Probe) -> None:
+    def __init__(self, net: nn.Module, probe: Probe, optimizer: str = "adam") -> None:
         super().__init__()
-        self.net, self.probe = net, probe
+        self.net, self.probe, self.optimizer_name = net, probe, optimizer
         self.penalised = [p for _, p in select_parameters(self)]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -162,7 +190,7 @@ class BenchModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=LR)
+        return OPTIMIZERS[self.optimizer_name][1](self.parameters())
 
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, active: str | None) -> None:
@@ -214,7 +242,9 @@ def configurations() -> dict[str, Any]:
             configs[f"{pname}/{mode}"] = functools.partial(
                 lambda m, mode, name: Regularizer(m(), mode=mode, name=name), make, mode, f"{pname}_{mode}")
     for row, (pname, kwargs) in EXTRA_ROWS.items():
-        configs[row] = functools.partial(lambda m, kw, name: Regularizer(m(), name=name, **kw), PENALTIES[pname], kwargs,
+        kwargs = dict(kwargs)
+        cls = EagerRegularizer if kwargs.pop("eager", False) else Regularizer
+        configs[row] = functools.partial(lambda c, m, kw, name: c(m(), name=name, **kw), cls, PENALTIES[pname], kwargs,
                                          row.replace("/", "_"))
     configs["monitor/every_step"] = lambda: WeightMonitor(every_n_steps=1)
     configs["monitor/default"] = WeightMonitor
@@ -373,8 +403,19 @@ def run_fit(model_name: str, configs: dict[str, Any], args: argparse.Namespace) 
     trainer = pl.Trainer(
         accelerator=probe.device.type, devices=1, max_steps=len(plan), logger=MemoryLogger(), callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(BenchModule(net, probe), loader)
+    trainer.fit(BenchModule(net, probe, args.optimizer), loader)
     return probe
+
+
+def compile_kernels(device: str) -> None:
+    """Compile the fused prox kernels once before the fits, as a long fit would have (a few seconds each)."""
+    fused_prox.COMPILE_AFTER_ELEMENTS = 0
+    for name in fused_prox.EAGER:
+        for size in (4096, 4099):  # dynamic shapes: one graph for every size, odd ones included
+            w = torch.randn(size, device=device)
+            v = torch.rand(size, device=device)
+            v[::7] = 0.0
+            fused_prox.kernel(name)(w, v, LR, 0.5, 1e-8, LR, ALPHA, ALPHA)
 
 
 def largest_penalised_bytes(model_name: str, quick: bool) -> int:
@@ -428,13 +469,30 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
         worst = max(plain, key=lambda n: plain[n]["x_floor"])
         checks.append(("every plain-step Regularizer mode <= 2x the floor (MLP)", plain[worst]["x_floor"] <= 2,
                        f"worst {worst}: {plain[worst]['x_floor']:.2f}x"))
+    defaults = {n: mlp[n] for n in ("l1/proximal", "l2/proximal", "elastic_net/proximal", "l0/proximal") if n in mlp}
+    if defaults:
+        worst = max(defaults, key=lambda n: defaults[n]["added_pct"])
+        checks.append(("default prox with Adam (L1, L2, ElasticNet, L0) <= 5% of the MLP step",
+                       defaults[worst]["added_pct"] <= 5, f"worst {worst}: {defaults[worst]['added_pct']:.2f}%"))
+        worst = max(defaults, key=lambda n: defaults[n]["x_floor"])
+        checks.append(("default prox with Adam <= 4x the floor (MLP)", defaults[worst]["x_floor"] <= 4,
+                       f"worst {worst}: {defaults[worst]['x_floor']:.2f}x"))
+        if "hand_l1_in_loss" in mlp:
+            hand = mlp["hand_l1_in_loss"]["added_pct"]
+            worst = max(defaults, key=lambda n: defaults[n]["added_pct"])
+            checks.append(("default prox with Adam below the hand-written L1 of the same run",
+                           defaults[worst]["added_pct"] < hand, f"worst {worst}: {defaults[worst]['added_pct']:.2f}% vs {hand:.2f}%"))
+    if "group_lasso/proximal" in mlp:
+        checks.append(("default GroupLasso with Adam <= 10% of the MLP step", mlp["group_lasso/proximal"]["added_pct"] <= 10,
+                       f"{mlp['group_lasso/proximal']['added_pct']:.2f}%"))
     for name, limit in (("monitor/default", 1.0), ("monitor/every_step", 20.0)):
         if name in mlp:
             checks.append((f"{name} <= {limit:g}% of the MLP step", mlp[name]["added_pct"] <= limit,
                            f"{mlp[name]['added_pct']:.2f}%"))
-    groups = (("plain-step Regularizer", 1, lambda n: n.split("/")[0] in PENALTIES and n.split("/")[1] != "proximal"
-               and "target" not in n),
-              ("preconditioned prox (Adam)", 2, lambda n: n.split("/")[0] in PENALTIES and n.split("/")[1] == "proximal"),
+    groups = (("plain-step Regularizer", 1, lambda n: n.split("/")[0] in PENALTIES
+               and n.split("/")[1] not in ("proximal", "proximal_eager") and "target" not in n),
+              ("preconditioned prox (Adam)", 2, lambda n: n.split("/")[0] in PENALTIES
+               and n.split("/")[1] in ("proximal", "proximal_eager")),
               ("target sparsity", 2, lambda n: "target" in n),  # + the level histograms (SELECTION_BYTES)
               ("WeightMonitor", 1, lambda n: n.startswith("monitor")))
     for label, times, member in groups:
@@ -448,13 +506,36 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def ordered(names: list[str]) -> list[str]:
+    """The defaults first, then the hand-written penalty, the floor and the plain step, then the rest as run."""
+    lead = [n for n in [*default_rows(), "hand_l1_in_loss", "floor", "none"] if n in names]
+    return lead + [n for n in names if n not in lead]
+
+
+def format_defaults(results: dict[str, Any]) -> str:
+    """The headline table: what ``Regularizer(penalty)`` costs with each optimizer, next to the hand-written
+    penalty and the floor."""
+    out = ["| model, optimizer | configuration | added to the step | x floor |", "|---|---|---:|---:|"]
+    for model, res in results["models"].items():
+        rows = res["configs"]
+        label = f"{model.split('/')[0]}, {res.get('optimizer', 'Adam')}"
+        for n in [*default_rows(), "hand_l1_in_loss", "floor"]:
+            if n in rows:
+                what = {"hand_l1_in_loss": "hand-written `loss + alpha * sum(p.abs().sum())`",
+                        "floor": "floor: one in-place pass over the penalised weights"}.get(n, f"`Regularizer({n.split('/')[0]})` (default)")
+                xf = f"{rows[n]['x_floor']:.2f}" if rows[n]["x_floor"] is not None else ""
+                out.append(f"| {label} | {what} | {rows[n]['added_pct']:.2f} % | {xf} |")
+    return "\n".join(out)
+
+
 def format_table(results: dict[str, Any]) -> str:
-    out = []
+    out = ["\n### Defaults\n", format_defaults(results)]
     for model, res in results["models"].items():
         out.append(f"\n### {model} (largest penalised tensor {res['largest_penalised_bytes'] / 2**10:,.1f} KiB)\n")
         out.append("| configuration | step ms | x none | added ms | added % | x floor | extra MiB step / callback | extra / largest |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for n, r in res["configs"].items():
+        for n in ordered(list(res["configs"])):
+            r = res["configs"][n]
             xf = f"{r['x_floor']:.2f}" if r["x_floor"] is not None else "-"
             hook = f"{r['extra_hook_bytes'] / 2**20:.2f}" if r["extra_hook_bytes"] is not None else "-"
             mark = "" if r["added_from"] == "hooks" else " †"
@@ -479,6 +560,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=("cpu", "wall"), default=None, help="thread CPU time (CPU default) or wall time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--optimizers", default="adam,sgd", help="adam (every configuration), sgd (momentum 0.9: the defaults)")
+    p.add_argument("--eager", action="store_true", help="do not compile the fused prox kernels (what a short run does)")
     args = p.parse_args(argv)
     args.cycles = args.cycles or (2 if args.quick else 30)
     args.clock = args.clock or ("cpu" if args.device == "cpu" and (args.threads or 1) == 1 else "wall")
@@ -509,10 +592,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} torch threads, "
            f"{os.cpu_count()} cores)", "torch": torch.__version__, "lightning": pl.__version__,
            "clock": args.clock, "timed_steps_per_config": args.cycles, "alpha": ALPHA, "lr": LR,
-           "optimizer": "Adam"}
+           "optimizers": [OPTIMIZERS[o][0] for o in args.optimizers.split(",")],
+           "fused_kernels": "eager (--eager)" if args.eager else "compiled before the fit"}
     results: dict[str, Any] = {"env": env, "models": {}}
+    if not args.eager:
+        start = time.perf_counter()
+        compile_kernels(args.device)
+        env["compile_s"] = round(time.perf_counter() - start, 1)
     for model in args.models.split(","):
-        results["models"][model] = bench_model(model, configs, args)
+        for optimizer in args.optimizers.split(","):
+            args.optimizer = optimizer
+            rows = configs if optimizer == "adam" else {n: c for n, c in configs.items() if n in SGD_ROWS or n in default_rows()}
+            key = model if optimizer == "adam" else f"{model}/{optimizer}"
+            results["models"][key] = bench_model(model, rows, args)
+            results["models"][key]["optimizer"] = OPTIMIZERS[optimizer][0]
     results["targets"] = targets(results)
     print(f"env: {json.dumps(env)}")
     print(format_table(results))

@@ -86,12 +86,15 @@ def test_quick_run_end_to_end(bench, tmp_path, capfd):
     level = lightning_logger.level
     try:
         with warnings.catch_warnings():
-            bench.main(["--quick", "--models", "mlp", "--json", str(out)])
+            bench.main(["--quick", "--eager", "--models", "mlp", "--json", str(out)])
     finally:
         torch.set_num_threads(threads)
         lightning_logger.setLevel(level)
     printed = capfd.readouterr()  # file descriptors 1 and 2: what the C++ profiler writes too
     assert "| l1/proximal |" in printed.out and "| target | met | measured |" in printed.out
+    # The tables lead with the defaults, per optimizer: Adam, then SGD with momentum.
+    assert "| mlp, Adam | `Regularizer(l1)` (default) |" in printed.out and "| mlp, SGD, momentum 0.9 |" in printed.out
+    assert printed.out.index("### Defaults") < printed.out.index("### mlp ")
     assert "USDT" not in printed.out + printed.err  # the profiler's start/stop lines are silenced
     result = json.loads(out.read_text())
     rows = result["models"]["mlp"]["configs"]
@@ -115,7 +118,10 @@ def test_quick_run_end_to_end(bench, tmp_path, capfd):
             # adds the level histograms. Allocation sizes do not depend on timing: exact here.
             mode = name.split("/")[1]
             limit = largest + bench.SLACK_BYTES
-            if mode == "proximal" or mode.startswith("target"):
+            if mode in ("proximal", "proximal_eager") or mode.startswith("target"):
                 limit += largest + (bench.SELECTION_BYTES if mode.startswith("target") else 0)
             assert row["extra_hook_bytes"] <= limit, (name, row["extra_hook_bytes"], largest)
-    assert {t[0] for t in result["targets"]} >= {"every plain-step Regularizer mode <= 5% of the MLP step"}
+    assert {t[0] for t in result["targets"]} >= {"every plain-step Regularizer mode <= 5% of the MLP step",
+                                                  "default prox with Adam <= 4x the floor (MLP)"}
+    sgd = result["models"]["mlp/sgd"]["configs"]
+    assert set(sgd) == {"none", "floor", "hand_l1_in_loss", *bench.default_rows()}
