@@ -63,8 +63,16 @@ class AdaptiveStep(NamedTuple):
             >>> AdaptiveStep(0.1, torch.tensor([0.0, 4.0, 16.0]), 1.0, 0.0, 0.1).bounded()  # v̄ = 10 for v = 0
             tensor([0.0316, 0.0500, 0.0250])
         """
+        v = self.second_moment
+        if v.device.type == "cpu" and v.numel():
+            # The common case, checked for the price of one read (free on the CPU): no unstepped coordinate, whose
+            # denominator would be exactly eps. Then t is the optimizer's own step, in place in one temporary.
+            denominator = v.sqrt().div_(self.divisor).add_(self.eps)
+            if denominator.min().item() > self.eps:
+                return denominator.reciprocal_().mul_(self.numerator)
+            del denominator
         vbar = self.typical()
-        t = torch.where(self.second_moment > 0, self.second_moment, vbar)
+        t = torch.where(v > 0, v, vbar)
         t.sqrt_().div_(self.divisor).add_(self.eps).reciprocal_().mul_(self.numerator)
         # v̄ = 0: no coordinate stepped, every v is 0. On the CPU reading v̄ is free, and saves a pass; on an
         # accelerator a 0-d mask keeps it free of host syncs.
