@@ -3,7 +3,8 @@
 The eager reference (``Penalty.apply_prox_`` over :class:`~lightreg.preconditioner.LazySteps`) makes the step
 ``t = c / (sqrt(v) / d + eps)`` (``v`` floored where it is 0, ``lightreg.adaptive_step``) as a tensor, then applies the prox with it: about ten passes over the
 weights and one temporary per parameter. The fused kernel of an elementwise penalty (``L1``, ``L2``, ``ElasticNet``,
-``L0``) reads ``v`` (once for ``v̄``, once with ``w``) and rewrites ``w`` in place: ``torch.compile`` (inductor)
+``L0``) reads ``v`` and ``w`` once and rewrites ``w`` in place (``v̄``, the typical second moment, is computed
+before it only where some ``v`` is 0, which on the CPU costs one read of ``v`` to check): ``torch.compile`` (inductor)
 generates it, once per dtype (``dynamic=True``: any shape, any learning rate, no recompilation), for plain tensors.
 The results equal the eager reference to rounding (fusion changes the order of a few operations; tested).
 
@@ -41,27 +42,26 @@ def _soft_threshold(w: Tensor, s: Tensor) -> Tensor:
     return torch.where(w.abs() > s, w - s.copysign(w), 0.0)
 
 
-def _step(v: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float) -> Tensor:
-    total = v.sum(dtype=torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype)
-    floored = torch.where(v > 0, v, typical_second_moment(total, (v > 0).sum()).to(v.dtype))
+def _step(v: Tensor, vbar: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float) -> Tensor:
+    floored = torch.where(v > 0, v, vbar)
     return torch.where(floored > 0, numerator / (floored.sqrt() / divisor + eps), fallback)
 
 
-def _l1(w: Tensor, v: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float, a: float, b: float) -> None:
-    w.copy_(_soft_threshold(w, _step(v, numerator, divisor, eps, fallback) * a))
+def _l1(w: Tensor, v: Tensor, vbar: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float, a: float, b: float) -> None:
+    w.copy_(_soft_threshold(w, _step(v, vbar, numerator, divisor, eps, fallback) * a))
 
 
-def _l2(w: Tensor, v: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float, a: float, b: float) -> None:
-    w.copy_(w / (_step(v, numerator, divisor, eps, fallback) * b + 1.0))
+def _l2(w: Tensor, v: Tensor, vbar: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float, a: float, b: float) -> None:
+    w.copy_(w / (_step(v, vbar, numerator, divisor, eps, fallback) * b + 1.0))
 
 
-def _elastic_net(w: Tensor, v: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float, a: float, b: float) -> None:
-    t = _step(v, numerator, divisor, eps, fallback)
+def _elastic_net(w: Tensor, v: Tensor, vbar: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float, a: float, b: float) -> None:
+    t = _step(v, vbar, numerator, divisor, eps, fallback)
     w.copy_(_soft_threshold(w, t * a) / (t * b + 1.0))
 
 
-def _l0(w: Tensor, v: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float, a: float, b: float) -> None:
-    t = _step(v, numerator, divisor, eps, fallback)
+def _l0(w: Tensor, v: Tensor, vbar: Tensor, numerator: Any, divisor: Any, eps: float, fallback: float, a: float, b: float) -> None:
+    t = _step(v, vbar, numerator, divisor, eps, fallback)
     w.copy_(torch.where(w * w / t > 2.0 * a, w, 0.0))  # the comparison L0.prox_ makes
 
 
@@ -91,6 +91,15 @@ def kernel(name: str) -> Callable[..., None]:
     return kernels[name]
 
 
+def typical_or_unused(step: AdaptiveStep) -> Tensor:
+    """``v̄`` for the kernel: on the CPU, where reading a value is free, computed only when some ``v`` is 0 (one read
+    of ``v`` for the check instead of the two of the reduction); elsewhere always (no host sync)."""
+    v = step.second_moment
+    if v.device.type == "cpu" and v.min().item() > 0:
+        return v.new_zeros(())  # every coordinate stepped: the kernel never takes v̄
+    return step.typical()
+
+
 def _fusable(w: Tensor, step: Any) -> bool:
     if not isinstance(step, AdaptiveStep) or step.mean is not None:  # a sharded v: its mean is global
         return False
@@ -118,7 +127,8 @@ def apply_prox(penalty: Penalty, tensors: Sequence[Tensor], steps: Step | Sequen
             penalty.prox_(w, step.bounded(), alpha)  # the reference
             continue
         flat = w.detach().view(-1)
-        args = (flat, step.second_moment.view(-1), step.numerator, step.divisor, step.eps, step.fallback, a, b)
+        args = (flat, step.second_moment.view(-1), typical_or_unused(step), step.numerator, step.divisor, step.eps,
+                step.fallback, a, b)
         try:
             kernel(name)(*args)
         except Exception as error:  # noqa: BLE001 - a missing compiler shows up here, at the first call
@@ -134,4 +144,4 @@ def fused_reference(penalty: Penalty, w: Tensor, step: AdaptiveStep, alpha: floa
     if coefficients is None:
         raise ValueError(f"{penalty!r} has no fused kernel")
     name, a, b = coefficients
-    EAGER[name](w, step.second_moment, step.numerator, step.divisor, step.eps, step.fallback, a, b)
+    EAGER[name](w, step.second_moment, typical_or_unused(step), step.numerator, step.divisor, step.eps, step.fallback, a, b)

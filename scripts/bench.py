@@ -415,7 +415,7 @@ def compile_kernels(device: str) -> None:
             w = torch.randn(size, device=device)
             v = torch.rand(size, device=device)
             v[::7] = 0.0
-            fused_prox.kernel(name)(w, v, LR, 0.5, 1e-8, LR, ALPHA, ALPHA)
+            fused_prox.kernel(name)(w, v, v.mean(), LR, 0.5, 1e-8, LR, ALPHA, ALPHA)
 
 
 def largest_penalised_bytes(model_name: str, quick: bool) -> int:

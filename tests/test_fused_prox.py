@@ -16,7 +16,7 @@ from lightreg.preconditioner import LazySteps, metric_rule, step_rule
 PENALTIES = [L1(0.3), L2(0.3), ElasticNet(0.3, 0.5), ElasticNet(0.3, 0.0), L0(0.3)]
 
 
-def _adam_after_steps(dtype, n=3, size=(6, 5), seed=0):
+def _adam_after_steps(dtype, n=3, size=(6, 5), seed=0, dead=True):
     """An Adam whose state has unstepped coordinates (a column whose gradient is always 0) and steps spread widely."""
     g = torch.Generator().manual_seed(seed)
     p = torch.nn.Parameter(torch.randn(*size, generator=g, dtype=dtype))
@@ -24,18 +24,20 @@ def _adam_after_steps(dtype, n=3, size=(6, 5), seed=0):
     for _ in range(n):
         n_el = p.numel()
         grad = torch.randn(n_el, generator=g, dtype=dtype) * torch.logspace(-3, 0, n_el, dtype=dtype)
-        grad[2::5] = 0.0  # never stepped: v = 0 there
+        if dead:
+            grad[2::5] = 0.0  # never stepped: v = 0 there
         p.grad = grad.view(size)
         opt.step()
     return p, opt
 
 
+@pytest.mark.parametrize("dead", [True, False], ids=["unstepped", "all_stepped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("penalty", PENALTIES, ids=repr)
-def test_the_fused_formula_equals_the_eager_reference(penalty, dtype):
-    p, opt = _adam_after_steps(dtype)
+def test_the_fused_formula_equals_the_eager_reference(penalty, dtype, dead):
+    p, opt = _adam_after_steps(dtype, dead=dead)
     step = metric_rule(opt, opt.param_groups[0])(p)
-    assert isinstance(step, AdaptiveStep) and (step.second_moment == 0).any()
+    assert isinstance(step, AdaptiveStep) and (step.second_moment == 0).any() == dead
     eager, fused = p.detach().clone(), p.detach().clone()
     penalty.prox_(eager, step.bounded(), penalty.alpha)
     fused_reference(penalty, fused, step, penalty.alpha)
@@ -101,6 +103,6 @@ def test_the_compiled_kernel_equals_the_eager_reference(penalty):
         eager, fused = p.detach().clone(), p.detach().clone()
         penalty.prox_(eager, step.bounded(), penalty.alpha)
         name, a, b = fused_prox._coefficients(penalty, penalty.alpha)
-        fused_prox.kernel(name)(fused.view(-1), step.second_moment.view(-1), step.numerator, step.divisor, step.eps,
-                                step.fallback, a, b)
+        fused_prox.kernel(name)(fused.view(-1), step.second_moment.view(-1), step.typical(), step.numerator,
+                                step.divisor, step.eps, step.fallback, a, b)
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
