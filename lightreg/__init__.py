@@ -33,7 +33,7 @@ _SOURCES = {
     "WeightMonitor": "lightreg.monitor",
     "print_report": "lightreg.report",
     "print_shrink_report": "lightreg.shrink_table",
-    "register_step_rule": "lightreg.preconditioner",
+    "register_step_rule": "lightreg.step_registry",
     "select_parameters": "lightreg.selection",
     "shrink": "lightreg.shrink",
     "shrink_report": "lightreg.shrink_table",
@@ -71,7 +71,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     from lightreg.l0 import L0
     from lightreg.monitor import WeightMonitor
     from lightreg.penalty import Penalty
-    from lightreg.preconditioner import register_step_rule
+    from lightreg.step_registry import register_step_rule
     from lightreg.regularizer import Regularizer
     from lightreg.report import print_report, sparsity_report
     from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow

@@ -36,22 +36,20 @@ parameter's device, and the bias correction is then a 0-d device tensor: no host
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightreg.adaptive_step import AdaptiveStep, adaptive_step
-from lightreg.binding import unwrap
+from lightreg.optimizer_steps import RULES, SCALAR_RULES
 from lightreg.penalty import Step
+from lightreg.step_registry import REGISTERED, MetricRule, base_optimizer, register_step_rule  # noqa: F401 (re-exported)
 
 #: A function ``param -> step`` for the parameters of one param group (one float or one tensor each).
 StepRule = Callable[[Tensor], Step]
 #: What a rule returns before the bound: a float, a tensor, or an :class:`AdaptiveStep` (anything with ``bounded()``).
 Metric = Any
-MetricRule = Callable[[Tensor], Metric]
 
 #: Optimizer state names that mark a per-coordinate adaptive step lightreg does not know.
 ADAPTIVE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta", "step_size",
@@ -65,181 +63,6 @@ FORMULAS = {
     "RMSprop": "lr / ((sqrt(square_avg - grad_avg^2) + eps) * (1 - momentum))",
     "Adagrad": "lr / (1 + (step - 1) * lr_decay) / (sqrt(sum) + eps)",
 }
-
-
-def _count(state: dict[str, Any]) -> float | Tensor:
-    """The optimizer's step count: a float, or a 0-d tensor when it lives on an accelerator (capturable, fused).
-
-    Reading a CPU tensor is no device sync; a device one stays a tensor so no sync is needed at all.
-    """
-    step = state["step"]
-    if isinstance(step, Tensor) and step.device.type != "cpu":
-        return step
-    return float(step)
-
-
-def _sqrt(x: float | Tensor) -> float | Tensor:
-    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
-
-
-def _adam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
-    lr, beta2, eps = float(group["lr"]), float(group["betas"][1]), float(group["eps"])
-    key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-
-    def rule(p: Tensor) -> Metric:
-        state = optimizer.state[p]
-        return adaptive_step(lr, state[key], _sqrt(1 - beta2 ** _count(state)), eps, lr)
-
-    return rule
-
-
-def _nadam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
-    lr, (beta1, beta2), eps = float(group["lr"]), (float(b) for b in group["betas"]), float(group["eps"])
-    psi = float(group["momentum_decay"])
-
-    def rule(p: Tensor) -> Metric:
-        state = optimizer.state[p]
-        step = _count(state)
-        mu_product = _count({"step": state["mu_product"]})
-        mu, mu_next = (beta1 * (1.0 - 0.5 * 0.96 ** (k * psi)) for k in (step, step + 1))
-        # On a constant gradient g (so exp_avg -> g) NAdam moves by lr * c * g / denom: c is part of its step.
-        c = (1.0 - mu) / (1.0 - mu_product) + mu_next / (1.0 - mu_product * mu_next)
-        return adaptive_step(lr * c, state["exp_avg_sq"], _sqrt(1 - beta2**step), eps, lr)
-
-    return rule
-
-
-def _radam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
-    lr, beta2, eps = float(group["lr"]), float(group["betas"][1]), float(group["eps"])
-    rho_inf = 2 / (1 - beta2) - 1
-
-    def rule(p: Tensor) -> Metric:
-        state = optimizer.state[p]
-        step = _count(state)
-        bias_correction2 = 1 - beta2**step
-        rho_t = rho_inf - 2 * step * beta2**step / bias_correction2
-        if not isinstance(rho_t, Tensor) and rho_t <= 5.0:
-            return lr  # an unrectified step is lr * m_hat: momentum SGD with step lr
-        rect = _sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-        numerator = lr * rect * _sqrt(bias_correction2)
-        if isinstance(rho_t, Tensor):  # a device step count: the unrectified case without a host read
-            return _RAdamDevice(adaptive_step(numerator, state["exp_avg_sq"], 1.0, eps, lr), rho_t <= 5.0, lr)
-        return adaptive_step(numerator, state["exp_avg_sq"], 1.0, eps, lr)
-
-    return rule
-
-
-class _RAdamDevice(NamedTuple):
-    """RAdam with its step count on the device: the rectified step, or ``lr`` where ``rho_t <= 5``."""
-
-    step: AdaptiveStep
-    unrectified: Tensor
-    lr: float
-
-    def bounded(self) -> Tensor:
-        return self.step.bounded().masked_fill_(self.unrectified, self.lr)
-
-    def unbounded(self) -> Tensor:
-        return self.step.unbounded().masked_fill_(self.unrectified, self.lr)
-
-
-def _rmsprop_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
-    lr, eps, momentum = float(group["lr"]), float(group["eps"]), float(group["momentum"])
-    centered = group["centered"]
-
-    def rule(p: Tensor) -> Metric:
-        state = optimizer.state[p]
-        avg = state["square_avg"]
-        if centered:
-            avg = avg.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
-        return adaptive_step(lr / (1.0 - momentum), avg, 1.0, eps, lr / (1.0 - momentum))
-
-    return rule
-
-
-def _adagrad_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
-    lr, eps, lr_decay = float(group["lr"]), float(group["eps"]), float(group["lr_decay"])
-
-    def rule(p: Tensor) -> Metric:
-        state = optimizer.state[p]
-        clr = lr / (1 + (_count(state) - 1) * lr_decay)
-        return adaptive_step(clr, state["sum"], 1.0, eps, lr)
-
-    return rule
-
-
-def _asgd_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
-    lr, lambd, alpha = float(group["lr"]), float(group["lambd"]), float(group["alpha"])
-
-    def rule(p: Tensor) -> Metric:
-        # state["eta"] already holds the NEXT step's eta; the step just taken used the one before it.
-        return lr / ((1 + lambd * lr * (_count(optimizer.state[p]) - 1)) ** alpha)
-
-    return rule
-
-
-RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]] = {
-    torch.optim.Adam: _adam_rule,
-    torch.optim.AdamW: _adam_rule,
-    torch.optim.NAdam: _nadam_rule,
-    torch.optim.RAdam: _radam_rule,
-    torch.optim.RMSprop: _rmsprop_rule,
-    torch.optim.Adagrad: _adagrad_rule,
-}
-#: Optimizers whose step is one number per parameter, known by name: no per-coordinate metric, no warning.
-SCALAR_RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]] = {
-    torch.optim.ASGD: _asgd_rule,
-}
-#: Rules registered with :func:`register_step_rule` (a user's own optimizer).
-REGISTERED: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]] = {}
-#: Attributes under which a wrapper (Lookahead-style) keeps the optimizer that computes the step.
-WRAPPED = ("base_optimizer", "optimizer", "_base_optimizer")
-
-
-def register_step_rule(optimizer_class: type, make_rule: Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]) -> None:
-    """Tell lightreg the step ``optimizer_class`` takes, for the proximal step (``preconditioned=True``).
-
-    ``make_rule(optimizer, group)`` is called after each step with a live param group and returns ``param -> step``:
-    a float (the one step every coordinate took), a tensor shaped like the parameter (taken as it is), or an
-    :class:`~lightreg.adaptive_step.AdaptiveStep` ``numerator / (sqrt(v) / divisor + eps)``, which lightreg bounds by
-    the tensor's typical step (``docs/extending.md``). The exact class is matched; a registered class is not warned
-    about.
-
-    Example:
-        >>> class Lion(torch.optim.SGD): ...  # a sign-based optimizer: its step is lr per unit of sign
-        >>> register_step_rule(Lion, lambda opt, group: lambda p: float(group["lr"]))
-        >>> p = torch.nn.Parameter(torch.ones(1)); opt = Lion([p], lr=0.1); is_known(opt)
-        True
-        >>> del REGISTERED[Lion]
-    """
-    if not isinstance(optimizer_class, type):
-        raise TypeError(f"optimizer_class must be a class, got {optimizer_class!r}")
-    if not callable(make_rule):
-        raise TypeError(f"make_rule must be callable, got {make_rule!r}")
-    REGISTERED[optimizer_class] = make_rule
-
-
-def base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The optimizer that computes the step: a ``LightningOptimizer`` and Lookahead-style wrappers (an attribute
-    ``base_optimizer``, ``optimizer`` or ``_base_optimizer`` holding a torch optimizer) are unwrapped.
-
-    Example:
-        >>> inner = torch.optim.Adam([torch.nn.Parameter(torch.ones(1))])
-        >>> class Lookahead(torch.optim.Optimizer):
-        ...     def __init__(self, optimizer):
-        ...         self.optimizer, self.param_groups, self.state = optimizer, optimizer.param_groups, optimizer.state
-        >>> base_optimizer(Lookahead(inner)) is inner
-        True
-    """
-    optimizer = unwrap(optimizer)
-    for _ in range(8):  # a chain of wrappers, never a cycle
-        if type(optimizer) in RULES or type(optimizer) in REGISTERED:
-            return optimizer
-        inner = next((getattr(optimizer, a) for a in WRAPPED if isinstance(getattr(optimizer, a, None), torch.optim.Optimizer)), None)
-        if inner is None or inner is optimizer:
-            return optimizer
-        optimizer = unwrap(inner)
-    return optimizer
 
 
 def _make(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule] | None:

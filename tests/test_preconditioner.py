@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lightreg import preconditioner
+from lightreg import optimizer_steps
 from lightreg.preconditioner import (LazySteps, is_preconditioned, metric_rule, scalar_step, step_formula, step_rule,
                                       unknown_adaptive_state)
 
@@ -189,7 +189,7 @@ def test_a_step_count_kept_on_the_device_gives_the_same_step(cls, n, monkeypatch
         p.grad = g.clone()
         opt.step()
     as_float = torch.as_tensor(step_rule(opt, opt.param_groups[0])(p)).expand_as(p)
-    monkeypatch.setattr(preconditioner, "_count", lambda state: state["step"].to(torch.float64))
+    monkeypatch.setattr(optimizer_steps, "_count", lambda state: state["step"].to(torch.float64))
     torch.testing.assert_close(step_rule(opt, opt.param_groups[0])(p), as_float, rtol=1e-14, atol=0)
 
 
