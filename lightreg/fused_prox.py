@@ -12,8 +12,9 @@ Compiling takes seconds (about 3-30 s per kernel on one CPU core), which a short
 reference runs first and the kernels are compiled once the process has taken ``COMPILE_AFTER_ELEMENTS``
 element-steps through it (the sum of the sizes of the parameters of every eager preconditioned prox): the
 ski-rental rule, which pays at most twice what the better choice in hindsight would. The eager step costs about
-2 ns per element more than the fused one on one CPU core, so 5e9 element-steps (about 1,600 steps of a 3 M-weight
-selection) is about the 10 s one compilation costs. Set it to 0 to compile at the first step, ``math.inf`` never
+1 ns per element more than the fused one on one CPU core (10.8 against 7.7 ms for 3.1 M weights, ``scripts/bench.py``),
+so 5e9 element-steps (about 1,600 steps of a 3 M-weight selection) is about the 5-12 s one kernel's compilation
+takes there. Set it to 0 to compile at the first step, ``math.inf`` never
 to. If compilation fails (no C++ compiler), lightreg warns once and keeps the eager reference.
 """
 
