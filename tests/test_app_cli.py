@@ -63,7 +63,7 @@ def test_two_job_multirun_with_wandb_and_the_sweep_plot(tmp_path, monkeypatch, c
 def test_a_sweep_over_target_sparsity_reaches_each_target_and_is_drawn_against_sparsity(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run([*COMMAND, "-m", "model=mlp", "model.optimizer=adamw", "model.lr=0.01", "penalty=l0,l1",
-                             "penalty.target_sparsity=0.5,0.9", "logger=none", "monitor.extras=[]",
+                             "penalty.target_sparsity=0.5,0.9", "logger=none", "callbacks.monitor.extras=[]",
                              f"hydra.sweep.dir={sweep}", *FAST], capture_output=True, text=True, env=app_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -199,7 +199,7 @@ def _wait_for_line(process: subprocess.Popen, text: str) -> list[str]:
 def test_sigterm_stops_a_run_and_a_sweep_with_status_143(tmp_path):
     """A real SIGTERM to a real process, once training prints its epochs: exit status 143, the W&B run finished as
     failed, no metrics.json; in a sweep the next job never starts."""
-    long = ["model=linear", "data=diabetes", "trainer.max_epochs=2000", "checkpoint.enabled=false"]  # ~20 s
+    long = ["model=linear", "data=diabetes", "trainer.max_epochs=2000", "callbacks=monitor"]  # ~20 s
     starts = {
         "single": [*long, f"hydra.run.dir={tmp_path}/single"],
         "sweep": ["-m", *long, "logger=csv", "penalty.alpha=0.1,0.2", f"hydra.sweep.dir={tmp_path}/sweep"],

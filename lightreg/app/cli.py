@@ -158,6 +158,10 @@ def main() -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=category)
     register_resolvers()
+    # Your package next to your config dir: `_target_: mypkg.Model` is found from the current directory, as with
+    # `python -m`, after the installed packages (a console script's sys.path does not hold the current directory).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     import hydra._internal.utils as hydra_utils
 
     original = hydra_utils.run_and_report
