@@ -102,7 +102,7 @@ def one_line(err: BaseException) -> str:
     Example:
         >>> from hydra.errors import MissingConfigException
         >>> one_line(MissingConfigException("In 'train': Could not find 'penalty/l3'", "penalty/l3", ["l1", "l2"]))
-        "penalty=l3 is not an option of penalty (valid: l1, l2)"
+        'penalty=l3 is not an option of penalty (valid: l1, l2)'
     """
     from hydra.errors import MissingConfigException
     from omegaconf import DictConfig

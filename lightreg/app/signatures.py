@@ -161,11 +161,14 @@ def signature(target: str) -> Signature | None:
         return out if _add_arguments(out, module, node) is not None else out
     if not isinstance(node, ast.ClassDef):
         return None
-    return out if _collect(out, module, node, 0) else None
+    _collect(out, module, node, 0)
+    return out
 
 
-def _collect(out: Signature, module: str, cls: ast.ClassDef, depth: int) -> bool:
-    """Add ``cls``'s ``__init__`` arguments, and its bases' while they are reached through ``**kwargs``."""
+def _collect(out: Signature, module: str, cls: ast.ClassDef, depth: int) -> bool | None:
+    """Add ``cls``'s ``__init__`` arguments, and its bases' (in order, as the MRO would) while they are reached through
+    ``**kwargs``. True: the signature is complete (``out.open`` tells whether any key is fine); None: no ``__init__``
+    on this branch, go on to the next base."""
     if depth > _DEPTH:
         out.open = True
         return True
@@ -177,17 +180,20 @@ def _collect(out: Signature, module: str, cls: ast.ClassDef, depth: int) -> bool
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 out.params.setdefault(node.target.id, _annotation(module, node.annotation))
         return True
-    bases = [b for b in cls.bases if not (isinstance(b, ast.Name) and b.id in ("object", "Generic"))]
-    if not bases:
-        return init is not None or depth > 0  # object: its __init__ takes nothing
-    for base in bases:
+    for base in cls.bases:
+        if isinstance(base, ast.Name) and base.id in ("object", "Generic", "ABC"):
+            continue
+        if isinstance(base, ast.Subscript):  # Generic[T], Base[T]
+            base = base.value
         found = _resolve_expr(module, base)
         if found is None or not isinstance(found[1], ast.ClassDef):
             out.open = True  # a base we cannot read may take any keyword
             return True
         if _collect(out, found[0], found[1], depth + 1):
             return True
-    return True
+    if init is not None and depth == 0:
+        out.open = True  # **kwargs that reach no readable __init__: object's, or a C base; leave it open
+    return None
 
 
 def _add_arguments(out: Signature, module: str, fn: ast.FunctionDef) -> bool:
