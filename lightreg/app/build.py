@@ -233,11 +233,25 @@ def log_every_n_steps(batches_per_epoch: int, limit: int | float | None = None) 
     return max(1, min(LOG_EVERY_N_STEPS, batches_per_epoch))
 
 
+def train_batches(data: Any) -> int | None:
+    """Training batches per epoch: the data's ``train_batches``, else the length of a ``train_dataloader()`` that
+    can be built before ``setup`` (many can), else ``None`` (unknown: an iterable stream, data that needs setup)."""
+    if data is None:
+        return None
+    known = getattr(data, "train_batches", None)
+    if isinstance(known, int):
+        return known
+    try:
+        return len(data.train_dataloader())
+    except Exception:  # noqa: BLE001 - any failure only means "unknown"; Lightning builds the loader itself later
+        return None
+
+
 def trainer_kwargs(cfg: DictConfig, data: Any = None) -> dict[str, Any]:
-    """The ``Trainer``'s keyword arguments from ``trainer`` and ``strategy``, checked against its signature. Data that
-    says how many batches an epoch has (``train_batches``) gets a logger row at least once per epoch."""
+    """The ``Trainer``'s keyword arguments from ``trainer`` and ``strategy``, checked against its signature. When an
+    epoch's batches are known (:func:`train_batches`), logger rows come at least once per epoch."""
     kwargs = _container(cfg.trainer)
-    batches = getattr(data, "train_batches", None)
+    batches = train_batches(data)
     if kwargs.get("log_every_n_steps") is None:
         kwargs["log_every_n_steps"] = log_every_n_steps(batches, kwargs.get("limit_train_batches")) if batches else LOG_EVERY_N_STEPS
     check_arguments(pl.Trainer, kwargs, "trainer")
