@@ -153,6 +153,7 @@ def test_shrink_cuts_the_users_head_and_skips_a_model_without_the_submodule(proj
     assert metrics["shrink/params_after"] == sum(p.numel() for p in saved["module"].parameters())
     assert metrics["shrink/max_abs_diff"] < 1e-5  # the same outputs, on the inputs the head saw during the test
     capfd.readouterr()
+    caplog.set_level("INFO", logger="lightreg.app")
     assert _main([*base, "shrink_module=encoder", f"hydra.run.dir={tmp_path}/encoder"], project) == 0
     out = capfd.readouterr().out + caplog.text  # the app's lines go to logging where a handler listens
     assert "shrink skipped: encoder (TransformerEncoder): shrink needs an nn.Sequential" in out
