@@ -135,6 +135,19 @@ def test_hydra_searchpath_a_target_override_and_the_data_contract_through_kwargs
     assert "val/accuracy" in json.loads((tmp_path / "ok" / "metrics.json").read_text())
 
 
+def test_a_sweep_over_target_sparsity_reaches_each_target_on_the_users_model(project, tmp_path):
+    sweep = tmp_path / "targets"
+    status = _main(["-m", "--config-dir", "conf", "experiment=sequences", "penalty=l0", "penalty.target_sparsity=0.5,0.8",
+                    "logger=none", "callbacks=monitor", "callbacks.monitor.extras=[]", f"hydra.sweep.dir={sweep}", *TINY],
+                   project)
+    assert status == 0
+    for job, target in (("0", 0.5), ("1", 0.8)):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["reg/l0/target"] == target
+        assert metrics["reg/l0/sparsity"] == pytest.approx(target, abs=2e-3)  # the whole default selection
+        assert metrics["weights/global/sparsity"] == pytest.approx(metrics["reg/l0/sparsity"], abs=1e-6)
+
+
 def test_a_bad_key_of_the_users_model_is_one_line_before_anything_starts(project, tmp_path, capfd):
     status = _main(["--config-dir", "conf", "experiment=sequences", "+model.dmodel=8", f"hydra.run.dir={tmp_path}"], project)
     err = capfd.readouterr().err
