@@ -1,9 +1,12 @@
-"""The README runs as written: its Python blocks, and every command of its shell blocks.
+"""The README and the docs run as written: their Python blocks, and every command of their shell blocks.
 
-The Python blocks run in order in one namespace, as a reader pastes them, with ``model`` and ``datamodule``
-(which the quickstart leaves to the reader) bound to a tiny module and data set. Each ``lightreg-train`` command
-runs with short settings appended (2 epochs of 3 batches, CSV logger); a sweep keeps the first two values of each
-swept key. Set-up commands are checked, not run: they install packages and run this suite.
+The README's Python blocks run in order in one namespace, as a reader pastes them, with ``model`` and ``datamodule``
+(which the quickstart leaves to the reader) bound to a tiny module and data set; each doc's blocks run the same way
+with a tiny ``model``/``data``/``x`` and a ``pl.Trainer`` of 2 epochs. Each ``lightreg-train`` command runs with
+short settings appended (2 epochs of 3 batches, CSV logger); a sweep keeps the first two values of each swept key.
+Set-up commands are checked, not run: they install packages and run this suite; a script's long command (a
+benchmark) is checked for its options and for a test of the script's own. ``examples/README.md``:
+``tests/test_examples.py``.
 """
 
 from __future__ import annotations

@@ -19,22 +19,20 @@ The command line has run the same checks before torch loaded (:mod:`lightreg.app
 from __future__ import annotations
 
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from hydra.utils import get_class, get_method, instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from lightreg import Regularizer, WeightMonitor, select_parameters
 from lightreg.app.config import ConfigError, RunContext
-from lightreg.app.feature_map import FeatureMap
-from lightreg.app.progress import EpochLines
+from lightreg.app.callbacks import build_callbacks
+from lightreg.app.targets import _callable, _container, build_target
 from lightreg.app.tracking import build_logger
 from lightreg.app.validate import check_arguments, parameters
 
@@ -66,28 +64,6 @@ class Job:
     regularizer: Regularizer | None
     logger: Logger | None
     trainer: pl.Trainer
-
-
-def _container(node: DictConfig) -> dict[str, Any]:
-    out = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-    assert isinstance(out, dict)
-    return out
-
-
-def _callable(target: str) -> Any:
-    try:
-        return get_class(target)
-    except ValueError:  # a function (a factory) rather than a class
-        return get_method(target)
-
-
-def build_target(node: DictConfig, where: str, drop: tuple[str, ...] = (), **extra: Any) -> Any:
-    """``instantiate(node, **extra)`` without the keys ``drop``, after checking the node's keys and values
-    against its ``_target_``'s signature."""
-    kwargs = {k: v for k, v in _container(node).items() if k not in drop}
-    target = kwargs.pop("_target_")
-    check_arguments(_callable(target), kwargs, where)
-    return instantiate({"_target_": target, **kwargs}, **extra, _convert_="all")
 
 
 def build_data(cfg: DictConfig) -> pl.LightningDataModule:
@@ -173,50 +149,6 @@ def build_strategy(node: DictConfig) -> dict[str, Any]:
     check_arguments(get_class(target), kwargs, "strategy")
     trainer_kwargs["strategy"] = instantiate({"_target_": target, **kwargs}, _convert_="all")
     return trainer_kwargs
-
-
-class FitResults(Callback):
-    """Puts what the fit ends with into ``trainer.callback_metrics``: the last step and epoch, and the
-    ``Regularizer``'s metrics (``reg/<name>/penalty``, ``/alpha``).
-
-    Lightning sends ``callback_metrics`` back from a spawned rank 0 (``start_method=spawn``), but neither
-    the trainer's counters nor the callbacks' state: read afterwards in the main process, those would be
-    the ones of a callback that never ran. ``trainer/epoch`` counts from 0, as the checkpoint names do
-    (``epoch=14-step=255.ckpt`` after 15 epochs); ``trainer/global_step`` counts optimizer steps.
-    """
-
-    def __init__(self, regularizer: Regularizer | None = None) -> None:
-        self.regularizer = regularizer
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        results = {"trainer/global_step": trainer.global_step, "trainer/epoch": trainer.current_epoch - 1}
-        if self.regularizer is not None:  # a collective under FSDP2: every rank gets here
-            results.update(self.regularizer.metrics())
-        trainer.callback_metrics.update({k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in results.items()})
-
-
-def build_callbacks(cfg: DictConfig, ctx: RunContext, regularizer: Regularizer | None,
-                    max_epochs: int | None = None) -> list[Callback]:
-    """The Regularizer, every node of the ``callbacks`` group that has a ``_target_`` (in the group's order), the
-    digits feature map and the progress output. A ``ModelCheckpoint`` without ``dirpath`` writes into
-    ``<output dir>/checkpoints``."""
-    callbacks: list[Callback] = [] if regularizer is None else [regularizer]
-    callbacks.append(FitResults(regularizer))
-    for key, node in (cfg.get("callbacks") or {}).items():
-        if not isinstance(node, DictConfig) or node.get("_target_") is None:
-            continue  # a callback switched off with `callbacks.<key>=null`
-        extra = {}
-        if issubclass(_callable(node._target_), ModelCheckpoint) and node.get("dirpath") is None:
-            extra["dirpath"] = str(ctx.output_dir / "checkpoints")
-        callbacks.append(build_target(node, f"callbacks.{key}", drop=tuple(extra), **extra))
-    if cfg.data.get("name") == "digits":  # which pixels the first layer still reads, drawn at fit end
-        callbacks.append(FeatureMap(ctx.output_dir / "feature_map.png"))
-    if cfg.progress_bar:
-        # A redrawn bar on a terminal; one line per epoch in a file, a pipe or CI.
-        tty = sys.stdout.isatty()
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate) if tty
-                         else EpochLines.for_epochs(max_epochs))
-    return callbacks
 
 
 def log_every_n_steps(batches_per_epoch: int, limit: int | float | None = None) -> int:

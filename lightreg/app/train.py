@@ -66,7 +66,7 @@ def support_metrics(model: pl.LightningModule, true_support: Any) -> dict[str, f
 def final_metrics(job: Job, fit_metrics: dict[str, float], test_results: list[dict[str, float]],
                   rows: list[dict[str, Any]], fit_seconds: float) -> dict[str, float]:
     """One flat dict: the last epoch's train/val metrics, ``trainer/epoch``, ``trainer/global_step`` and the
-    penalty's ``reg/...`` (:class:`~lightreg.app.build.FitResults`), the test metrics and the weights' sparsity."""
+    penalty's ``reg/...`` (:class:`~lightreg.app.callbacks.FitResults`), the test metrics and the weights' sparsity."""
     metrics = dict(fit_metrics)
     for result in test_results:
         metrics.update({k: float(v) for k, v in result.items()})
