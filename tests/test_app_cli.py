@@ -97,6 +97,7 @@ PREFLIGHT_ERRORS = [
     (["penalty=l0", "penalty.target_sparsity=-0.1"], "penalty.target_sparsity must be in (0, 1), got -0.1"),
     (["penalty=l0", "penalty.target_sparsity=1.5"], "penalty.target_sparsity must be in (0, 1), got 1.5"),
     (["penalty=l1", "penalty.target_sparsity=0.5", "penalty.target_every=0"], "penalty.target_every must be >= 1, got 0"),
+    (["+penalty.target_every=10"], "penalty.target_every is already a key of the config: set it without the +"),
     (["penalty=l2", "penalty.target_sparsity=0.5"], "needs mode='proximal' and a penalty whose prox makes zeros"),
     (["penalty=l0", "penalty.mode=gradient"], "L0(alpha=0.0001) has no gradient: it works only with mode='proximal'"),
     (["penalty.mode=fast"], "penalty.mode must be one of ('gradient', 'decoupled', 'proximal'), got 'fast'"),

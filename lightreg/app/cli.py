@@ -121,6 +121,9 @@ def one_line(err: BaseException) -> str:
             valid = sorted(k for k in parent if k != "hydra")
             node = key.rpartition(".")[0] or "the config"
             return f"{key} is not a key of {node} (valid: {', '.join(map(str, valid))}); +{key}=... adds one"
+    if text.startswith("Could not append to config. An item is already at '"):
+        key = text.split("'")[1]
+        return f"{key} is already a key of the config: set it without the +, {key}=..."
     return text.splitlines()[0] if text else type(err).__name__
 
 
