@@ -135,6 +135,7 @@ def test_hydra_searchpath_a_target_override_and_the_data_contract_through_kwargs
     assert "val/accuracy" in json.loads((tmp_path / "ok" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_sweep_over_target_sparsity_reaches_each_target_on_the_users_model(project, tmp_path):
     sweep = tmp_path / "targets"
     status = _main(["-m", "--config-dir", "conf", "experiment=sequences", "penalty=l0", "penalty.target_sparsity=0.5,0.8",
@@ -165,12 +166,23 @@ def test_shrink_cuts_the_users_head_and_skips_a_model_without_the_submodule(proj
     assert saved["path"] == "head" and metrics["shrink/params_after"] < metrics["shrink/params_before"]
     assert metrics["shrink/params_after"] == sum(p.numel() for p in saved["module"].parameters())
     assert metrics["shrink/max_abs_diff"] < 1e-5  # the same outputs, on the inputs the head saw during the test
-    capfd.readouterr()
+    # A submodule shrink cannot cut (no nn.Sequential), and one the model does not have: skipped, saying why.
+    sys.path.insert(0, str(project))
+    try:
+        from seqcls.model import SequenceClassifier
+    finally:
+        sys.path.remove(str(project))
+    from lightreg.app.config import RunContext
+    from lightreg.app.shrinking import shrink_run
+
     caplog.set_level("INFO", logger="lightreg.app")
-    assert _main([*base, "shrink_module=encoder", f"hydra.run.dir={tmp_path}/encoder"], project) == 0
-    out = capfd.readouterr().out + caplog.text  # the app's lines go to logging where a handler listens
-    assert "shrink skipped: encoder (TransformerEncoder): shrink needs an nn.Sequential" in out
-    assert "shrink/params_after" not in json.loads((tmp_path / "encoder" / "metrics.json").read_text())
+    model = SequenceClassifier(vocab_size=8, seq_len=4, num_classes=3, d_model=8, nhead=2, layers=1)
+    assert shrink_run(model, None, RunContext(tmp_path), "encoder", report=False) == {}
+    assert shrink_run(model, None, RunContext(tmp_path), "body", report=False) == {}
+    said = capfd.readouterr().out + caplog.text  # the app's lines go to logging where a handler listens
+    assert "shrink skipped: encoder (TransformerEncoder): shrink needs an nn.Sequential" in said
+    assert "shrink skipped: the model has no submodule 'body' (set shrink_module to one of ['embed', 'position'," in said
+    assert not (tmp_path / "shrunk.pt").exists()
 
 
 @pytest.mark.slow
