@@ -75,6 +75,8 @@ def test_a_sweep_over_target_sparsity_reaches_each_target_and_is_drawn_against_s
         # The head is selected too: the global figure of the monitor is the Regularizer's.
         assert metrics[f"reg/{name}/sparsity"] == pytest.approx(cfg.penalty.target_sparsity, abs=1e-3)
         assert metrics["weights/global/sparsity"] == pytest.approx(metrics[f"reg/{name}/sparsity"], abs=1e-6)
+        # The fit-start line names the penalty as used: the target sets alpha, the configured one is not shown.
+        assert f"{name.upper()}(alpha=set by the target)" in (job / "train.log").read_text()
     png = tmp_path / "targets.png"
     plot = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_sweep.py"), str(sweep), "-o", str(png)],
                           capture_output=True, text=True, timeout=120)
