@@ -246,3 +246,16 @@ def test_sweeps_and_the_plot(monkeypatch, capsys, fresh_hydra, tmp_path):
             assert done.value.code == 0
             assert (tmp_path / output).read_bytes()[:4] == b"\x89PNG"
             assert output.startswith("multirun/")  # an ignored folder, never the repository root
+
+
+def test_the_regularizer_signature_in_the_docs_is_the_live_one():
+    """docs/regularizer.md opens with the signature: the same names and defaults as the class (a new argument shows)."""
+    import inspect
+
+    from lightreg import Regularizer
+
+    text = (ROOT / "docs" / "regularizer.md").read_text()
+    written = re.search(r"`Regularizer\((.*?)\)`", text, flags=re.S).group(1).split(",")
+    live = [f"{name}={param.default!r}".replace("'", '"') if param.default is not param.empty else name
+            for name, param in inspect.signature(Regularizer.__init__).parameters.items() if name != "self"]
+    assert [w.strip() for w in written] == live
