@@ -47,8 +47,11 @@ def _main(argv, where):
         from hydra.core.global_hydra import GlobalHydra
 
         GlobalHydra.instance().clear()
+        from hydra.core.hydra_config import HydraConfig
+
         status = run_main([*argv, *NO_LOGGING], patch)
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # later tests (Lightning's launchers) must see a process that never ran Hydra
     return status
 
 
