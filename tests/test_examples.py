@@ -136,6 +136,12 @@ def test_hydra_searchpath_a_target_override_and_the_data_contract_through_kwargs
               "logger=csv", "callbacks=monitor", *TINY]
     assert _main([*common, "model._target_=userext.Deeper", "+model.extra=3", f"hydra.run.dir={tmp_path}/ok"], project) == 0
     assert "val/accuracy" in json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    # The case: data with neither describe() nor train_batches, the model's sizes written in its config.
+    (project / "plaindata.py").write_text("from seqcls.data import SequenceData\n\n\nclass Plain(SequenceData):\n"
+                                          "    describe = None\n")
+    assert _main([*common, "data._target_=plaindata.Plain", "+model.vocab_size=8", "+model.seq_len=16",
+                  "+model.num_classes=3", f"hydra.run.dir={tmp_path}/plain"], project) == 0
+    assert "reg/l1/penalty" in json.loads((tmp_path / "plain" / "metrics.json").read_text())
 
 
 @pytest.mark.slow
