@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,18 @@ MODES = ("gradient", "decoupled", "proximal")
 
 def _lr(group: dict[str, Any]) -> float:
     return float(group["lr"])  # a tensor lr costs one sync per param group, never one per parameter
+
+
+def penalty_in_use(penalty: Penalty, target: object) -> str:
+    """The penalty as the fit uses it: with a target, alpha is the target's at every step, not the configured one.
+
+    Example:
+        >>> from lightreg.elementwise import ElasticNet
+        >>> penalty_in_use(ElasticNet(1e-3, 0.5), None), penalty_in_use(ElasticNet(1e-3, 0.5), object())
+        ('ElasticNet(alpha=0.001, l1_ratio=0.5)', 'ElasticNet(alpha=set by the target, l1_ratio=0.5)')
+    """
+    text = repr(penalty)
+    return text if target is None else re.sub(r"alpha=[^,)]*", "alpha=set by the target", text, count=1)
 
 
 class Regularizer(Callback):
@@ -315,7 +328,7 @@ class Regularizer(Callback):
         held = {id(p) for _, p in self.penalised()}
         lines = [f"\n  prox step  {step_formula(o, self.preconditioned)}" for o in self._hooks.optimizers
                  if self.mode == "proximal"] + ([f"\n  {self._target}"] if self._target is not None else [])
-        rank_zero_info(f"Regularizer {self.name!r}: {self.penalty!r}, mode={self.mode}, "
+        rank_zero_info(f"Regularizer {self.name!r}: {penalty_in_use(self.penalty, self._target)}, mode={self.mode}, "
                        + describe_selection(pl_module, selected, held) + "".join(lines))
         if selected and not held:
             rank_zero_warn(f"Regularizer {self.name!r}: no optimizer holds any selected tensor yet; it acts once one does")

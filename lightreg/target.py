@@ -82,7 +82,7 @@ class TargetSparsity:
     """
 
     def __init__(self, target: float, ramp: Sequence[Point] | None = None, debias: Point | None = None, every: int = 1) -> None:
-        check_real("target_sparsity", target)
+        check_real("target_sparsity", target, low=float("-inf"))  # the range is (0, 1), said once below
         if not 0.0 < target < 1.0:
             raise ValueError(f"target_sparsity must be in (0, 1), got {target!r}")
         self.target, self.ramp, self.debias = target, ramp, debias

@@ -23,7 +23,7 @@ def load_weight(source: Path, layer: str) -> torch.Tensor:
     """``layer``'s weight from a Lightning checkpoint, or from ``<run dir>/checkpoints/last.ckpt``."""
     path = source / "checkpoints" / "last.ckpt" if source.is_dir() else source
     if not path.is_file():
-        raise SystemExit(f"feature_map: no checkpoint at {path} (run with checkpoint.enabled=true)")
+        raise SystemExit(f"feature_map: no checkpoint at {path} (run with the default callbacks, which save last.ckpt)")
     # A Lightning checkpoint holds config objects besides tensors: load only checkpoints you trust.
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     if layer not in state:

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Short settings for a run that only has to go through every stage: 2 epochs of 3 batches, no checkpoint files.
-FAST = ("trainer=debug", "monitor.every_n_steps=2", "progress_bar=false", "checkpoint.enabled=false")
+FAST = ("trainer=debug", "callbacks=monitor", "callbacks.monitor.every_n_steps=2", "progress_bar=false")
 #: In this process, leave Python logging alone: Hydra's configs would rebind or disable the test's loggers.
 NO_LOGGING = ("hydra/job_logging=none", "hydra/hydra_logging=none")
 

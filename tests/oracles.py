@@ -1,4 +1,4 @@
-"""The penalties written out from their formulas (the README's table) with plain loops and sums: the oracle the library is tested against."""
+"""The penalties written out from their formulas (docs/conventions.md's table) with plain loops and sums: the oracle the library is tested against."""
 
 import math
 

@@ -82,7 +82,7 @@ def test_fast_dev_run(model, data, tmp_path):
 def test_metrics_file_matches_the_saved_weights_and_checkpoint(tmp_path):
     """metrics.json against counts made here from last.ckpt (the final weights), and the checkpoint's own step."""
     cfg = compose_cfg("model=mlp", "data=breast_cancer", "penalty=l1", "penalty.alpha=0.05", "logger=csv",
-                      "trainer=debug", "monitor.every_n_steps=2", "progress_bar=false", "report=false")
+                      "trainer=debug", "callbacks.monitor.every_n_steps=2", "progress_bar=false", "report=false")
     run(cfg, RunContext(output_dir=tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
@@ -126,7 +126,7 @@ def test_lasso_preset_reaches_the_scikit_learn_lasso(tmp_path):
 @pytest.mark.slow
 def test_group_lasso_preset_recovers_the_true_support(tmp_path):
     cfg = compose_cfg("experiment=group_lasso_features", "logger=none", "progress_bar=false", "report=false",
-                      "checkpoint.enabled=false")
+                      "callbacks=monitor")
     metrics = run(cfg, RunContext(output_dir=tmp_path))
     data = TabularData("synthetic", seed=cfg.seed, **{k: cfg.data[k] for k in ("n_samples", "n_features", "n_informative", "noise")})
     assert metrics["support/selected"] == data.true_support.sum() == 5

@@ -1,9 +1,12 @@
-"""The README runs as written: its Python blocks, and every command of its shell blocks.
+"""The README and the docs run as written: their Python blocks, and every command of their shell blocks.
 
-The Python blocks run in order in one namespace, as a reader pastes them, with ``model`` and ``datamodule``
-(which the quickstart leaves to the reader) bound to a tiny module and data set. Each ``lightreg-train`` command
-runs with short settings appended (2 epochs of 3 batches, CSV logger); a sweep keeps the first two values of each
-swept key. Set-up commands are checked, not run: they install packages and run this suite.
+The README's Python blocks run in order in one namespace, as a reader pastes them, with ``model`` and ``datamodule``
+(which the quickstart leaves to the reader) bound to a tiny module and data set; each doc's blocks run the same way
+with a tiny ``model``/``data``/``x`` and a ``pl.Trainer`` of 2 epochs. Each ``lightreg-train`` command runs with
+short settings appended (2 epochs of 3 batches, CSV logger); a sweep keeps the first two values of each swept key.
+Set-up commands are checked, not run: they install packages and run this suite; a script's long command (a
+benchmark) is checked for its options and for a test of the script's own. ``examples/README.md``:
+``tests/test_examples.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import json
 import math
 import re
 import runpy
-import shlex
 import subprocess
 import sys
 
@@ -23,30 +25,29 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests._app import COMMAND, FAST, NO_LOGGING, ROOT, app_env, run_main
+from tests._commands import blocks as _blocks
+from tests._commands import commands as _commands
+from tests._commands import shorten_sweep
 from tests._readers import wandb_run
 from tests._spawn import free_port
 
 README = (ROOT / "README.md").read_text()
-#: Appended to every README run: short, and no W&B run (the W&B path has its own tests).
-SHORT = (*FAST, "trainer.max_epochs=2", "logger=csv")
+#: The docs whose commands and Python blocks run here too (docs/api.md is generated from the doctested docstrings).
+DOCS = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "api.md")
+#: Appended to every run: short, and no W&B run (the W&B path has its own tests).
+SHORT = ("trainer=debug", "callbacks.monitor.every_n_steps=2", "progress_bar=false", "trainer.max_epochs=2", "logger=csv")
 MULTI_PROCESS = ("strategy=ddp_cpu", "strategy=fsdp2_cpu")  # Lightning re-runs the command line: a new process
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+    return _blocks(README, language)
 
 
 def commands() -> list[list[str]]:
-    """Every command of every shell block once, as argument lists (``a && b`` is two commands, comments dropped)."""
+    """Every command of the README's and the docs' shell blocks once, in the order of the README, then the docs."""
     out: list[list[str]] = []
-    for block in blocks("bash"):
-        for line in block.splitlines():
-            words = shlex.split(line, comments=True)
-            while words:
-                cut = words.index("&&") if "&&" in words else len(words)
-                if words[:cut] not in out:
-                    out.append(words[:cut])
-                words = words[cut + 1 :]
+    for text in (README, *(p.read_text() for p in DOCS)):
+        out += [words for words in _commands(text) if words not in out]
     return out
 
 
@@ -57,6 +58,8 @@ def kind(words: list[str]) -> str:
         return "subprocess" if any(w in MULTI_PROCESS for w in words) else "run"
     if words[:2] == ["python", "scripts/plot_sweep.py"]:
         return "plot"
+    if words[0] == "python" and len(words) > 1 and words[1].startswith("scripts/") and words[1] != "scripts/api_docs.py":
+        return "script"
     if words == [".", ".venv/bin/activate"] or words[:3] == ["python3", "-m", "venv"] or words[0] == "pip":
         return "set-up"
     if words[:3] == ["python", "-m", "pytest"] or words == ["python", "scripts/api_docs.py"]:
@@ -64,25 +67,23 @@ def kind(words: list[str]) -> str:
     return "unknown"
 
 
-def shorten_sweep(arg: str) -> tuple[str, int]:
-    """``key=a,b,c`` -> ``(key=a,b, 2)``, ``key=range(...)`` -> its first two values; other arguments unchanged
-    with 1 (Hydra's own override parser reads them)."""
-    if arg.startswith("-") or "=" not in arg:
-        return arg, 1
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    (override,) = OverridesParser.create().parse_overrides([arg])
-    if not override.is_sweep_override():
-        return arg, 1
-    values = list(override.sweep_string_iterator())[:2]
-    return f"{override.get_key_element()}={','.join(values)}", len(values)
-
-
 def test_every_shell_command_is_known():
     """A command this test does not know how to run would let the README drift: add it to ``kind``."""
     unknown = [" ".join(words) for words in commands() if kind(words) == "unknown"]
     assert not unknown
-    assert {kind(w) for w in commands()} >= {"run", "sweep", "plot", "subprocess", "set-up"}
+    assert {kind(w) for w in commands()} >= {"run", "sweep", "plot", "subprocess", "set-up", "script"}
+
+
+@pytest.mark.parametrize("words", [w for w in commands() if kind(w) == "script"], ids=" ".join)
+def test_script_commands_name_a_script_with_those_options_and_a_test_that_runs_it(words):
+    """A script's full run takes minutes (a benchmark, a comparison): here its options must exist, and a test of its
+    own must run the script (tests/test_<name>.py)."""
+    script = ROOT / words[1]
+    source = script.read_text()
+    for option in (w for w in words[2:] if w.startswith("--")):
+        assert f'"{option}"' in source, f"{words[1]} has no option {option}"
+    own_test = ROOT / "tests" / f"test_{script.stem}.py"
+    assert own_test.is_file() and script.stem in own_test.read_text()
 
 
 def test_set_up_commands_activate_the_venv_and_install_what_follows_needs():
@@ -136,6 +137,44 @@ def test_python_blocks_run_in_order():
     assert model.encoder[0].weight.ne(before["encoder.0.weight"]).any()
     for block in others:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+
+
+def _doc_namespace():
+    """What the docs' Python blocks leave to the reader: a tiny ``model`` (an MLP in ``model.net``, layers net.0 to
+    net.6 like the app's), its ``data``/``datamodule``, an input ``x``, and ``pl`` whose ``Trainer`` runs 2 epochs."""
+    import functools
+    import types
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.0), nn.Linear(8, 8), nn.ReLU(),
+                                     nn.Dropout(0.0), nn.Linear(8, 1))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    _, data = _tiny_model_and_data()
+    short = functools.partial(pl.Trainer, max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                              enable_model_summary=False)
+    shim = types.SimpleNamespace(**{k: getattr(pl, k) for k in dir(pl) if not k.startswith("_")})
+    shim.Trainer = short
+    return {"pl": shim, "model": Net(), "data": data, "datamodule": data, "x": torch.randn(5, 4), "trainer": short()}
+
+
+@pytest.mark.filterwarnings("ignore:The number of training batches")
+@pytest.mark.parametrize("doc", [p for p in DOCS if "```python" in p.read_text()], ids=lambda p: p.name)
+def test_the_docs_python_blocks_run_in_order(doc):
+    namespace = _doc_namespace()
+    for block in _blocks(doc.read_text(), "python"):
+        exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102
 
 
 @pytest.mark.parametrize("words", [w for w in commands() if kind(w) == "run"], ids=" ".join)
@@ -207,3 +246,16 @@ def test_sweeps_and_the_plot(monkeypatch, capsys, fresh_hydra, tmp_path):
             assert done.value.code == 0
             assert (tmp_path / output).read_bytes()[:4] == b"\x89PNG"
             assert output.startswith("multirun/")  # an ignored folder, never the repository root
+
+
+def test_the_regularizer_signature_in_the_docs_is_the_live_one():
+    """docs/regularizer.md opens with the signature: the same names and defaults as the class (a new argument shows)."""
+    import inspect
+
+    from lightreg import Regularizer
+
+    text = (ROOT / "docs" / "regularizer.md").read_text()
+    written = re.search(r"`Regularizer\((.*?)\)`", text, flags=re.S).group(1).split(",")
+    live = [f"{name}={param.default!r}".replace("'", '"') if param.default is not param.empty else name
+            for name, param in inspect.signature(Regularizer.__init__).parameters.items() if name != "self"]
+    assert [w.strip() for w in written] == live

@@ -1,81 +1,109 @@
 """Turn the composed config into objects: data, model, Regularizer, callbacks, logger and Trainer.
 
+Any LightningModule and LightningDataModule are built from their ``_target_``. The data's sizes reach the model
+through an optional contract: a DataModule may define ``describe()`` (a dict such as ``{"in_features": 64,
+"num_outputs": 10}``), and the model receives each of those entries that its ``__init__`` names and the config
+leaves unset. A model that names none of them, or data without ``describe()``, is built from its config alone.
+
 Two config nodes hold two kinds of keys side by side, so that overrides stay flat
-(``penalty.alpha=1e-3 penalty.mode=gradient``): ``penalty`` = a penalty ``_target_`` with its own
-arguments plus the ``Regularizer`` keys; ``strategy`` = a Lightning strategy ``_target_`` with its own
-arguments plus the ``Trainer`` keys ``accelerator``, ``devices``, ``num_nodes``.
+(``penalty.alpha=1e-3 penalty.mode=gradient``): ``penalty`` = a penalty ``_target_`` with its own arguments plus
+the ``Regularizer``'s arguments (the keys its signature names: :func:`regularizer_keys`); ``strategy`` = a
+Lightning strategy ``_target_`` with its own arguments plus the ``Trainer`` keys ``accelerator``, ``devices``,
+``num_nodes``. Callbacks are the ``callbacks`` group: every node in it with a ``_target_`` is built.
 
 Every node is checked against the signature of what it builds before it is built
-(:mod:`lightreg.app.validate`): a wrong key or a value of the wrong type stops the run here, not
-inside ``fit``.
+(:mod:`lightreg.app.validate`): a wrong key or a value of the wrong type stops the run here, not inside ``fit``.
+The command line has run the same checks before torch loaded (:mod:`lightreg.app.preflight`).
 """
 
 from __future__ import annotations
 
-import sys
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from lightreg import Regularizer, select_parameters
+from lightreg import Regularizer, WeightMonitor, select_parameters
 from lightreg.app.config import ConfigError, RunContext
-from lightreg.app.data import TabularData
-from lightreg.app.feature_map import FeatureMap
-from lightreg.app.progress import EpochLines
+from lightreg.app.callbacks import build_callbacks
+from lightreg.app.targets import _callable, _container, build_target
 from lightreg.app.tracking import build_logger
-from lightreg.app.validate import check_arguments
+from lightreg.app.validate import check_arguments, parameters
 
-REGULARIZER_KEYS = ("mode", "include", "exclude", "schedule", "name", "preconditioned", "target_sparsity", "target_ramp",
-                    "target_debias")
 TRAINER_KEYS = ("accelerator", "devices", "num_nodes")
+#: Keys of the ``data`` node that are the app's, not the DataModule's: ``epochs`` is the default of trainer.max_epochs.
+DATA_HINTS = ("epochs",)
+#: Keys of the ``penalty`` node that are the app's: ``log10_alpha`` is folded into ``alpha`` by a resolver.
+PENALTY_HINTS = ("log10_alpha",)
 #: Logger rows every this many optimizer steps, or once per epoch when an epoch is shorter.
 LOG_EVERY_N_STEPS = 10
+
+
+def regularizer_keys() -> tuple[str, ...]:
+    """The ``Regularizer``'s arguments besides the penalty, read from its signature: every one is a ``penalty.`` key.
+
+    Example:
+        >>> "target_every" in regularizer_keys() and "penalty" not in regularizer_keys()
+        True
+    """
+    return tuple(name for name in inspect.signature(Regularizer.__init__).parameters if name not in ("self", "penalty"))
 
 
 @dataclass
 class Job:
     """Everything a run builds from its config before training starts."""
 
-    data: TabularData
+    data: pl.LightningDataModule
     model: pl.LightningModule
     regularizer: Regularizer | None
     logger: Logger | None
     trainer: pl.Trainer
 
 
-def _container(node: DictConfig) -> dict[str, Any]:
-    out = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-    assert isinstance(out, dict)
-    return out
-
-
-def build_target(node: DictConfig, where: str, drop: tuple[str, ...] = (), **extra: Any) -> Any:
-    """``instantiate(node, **extra)`` without the keys ``drop``, after checking the node's keys and values
-    against its ``_target_``'s signature."""
-    kwargs = {k: v for k, v in _container(node).items() if k not in drop}
-    target = kwargs.pop("_target_")
-    check_arguments(get_class(target), kwargs, where)
-    return instantiate({"_target_": target, **kwargs}, **extra, _convert_="all")
-
-
-#: Keys of the ``data`` node that are not TabularData's: defaults for other nodes (``epochs``: trainer.max_epochs).
-DATA_HINTS = ("epochs",)
-
-
-def build_data(cfg: DictConfig) -> TabularData:
+def build_data(cfg: DictConfig) -> pl.LightningDataModule:
     return build_target(cfg.data, "data", drop=DATA_HINTS)
 
 
-def build_model(cfg: DictConfig, data: TabularData) -> pl.LightningModule:
-    """The model, sized by the data (``task``, ``in_features``, ``num_outputs``, ``input_shape``)."""
-    return build_target(cfg.model, "model", **data.describe())
+def data_sizes(model_target: Any, data: Any, configured: Any) -> dict[str, Any]:
+    """What the data offers (``data.describe()``) that the model asks for (names in its ``__init__``) and the
+    config leaves unset.
+
+    Example:
+        >>> class Data:
+        ...     def describe(self): return {"in_features": 4, "num_outputs": 3, "task": "classification"}
+        >>> class Net:
+        ...     def __init__(self, in_features: int, num_outputs: int = 2, depth: int = 1): ...
+        >>> data_sizes(Net, Data(), {"num_outputs": 5})
+        {'in_features': 4}
+    """
+    offered = getattr(data, "describe", None)
+    if not callable(offered):
+        return {}
+    wanted, _ = parameters(model_target)
+    return {k: v for k, v in offered().items() if k in wanted and k not in configured}
+
+
+def build_model(cfg: DictConfig, data: Any) -> pl.LightningModule:
+    """The model from ``cfg.model``, given the data's sizes it asks for (:func:`data_sizes`)."""
+    target = _callable(cfg.model._target_)
+    return build_target(cfg.model, "model", **data_sizes(target, data, cfg.model))
+
+
+def split_penalty(node: DictConfig | dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(penalty kwargs with _target_, Regularizer kwargs)`` of a ``penalty`` node; the Regularizer's are the keys
+    its signature names, the app's own hints are dropped, and ``null`` Regularizer keys are left to its defaults."""
+    kwargs = _container(node) if isinstance(node, DictConfig) else dict(node)
+    for key in PENALTY_HINTS:
+        kwargs.pop(key, None)
+    names = regularizer_keys()
+    reg_kwargs = {k: kwargs.pop(k) for k in names if k in kwargs}
+    return kwargs, {k: v for k, v in reg_kwargs.items() if v is not None}
 
 
 def build_regularizer(node: DictConfig | None) -> Regularizer | None:
@@ -90,23 +118,24 @@ def build_regularizer(node: DictConfig | None) -> Regularizer | None:
     """
     if node is None or node.get("_target_") is None:
         return None
-    kwargs = _container(node)
-    kwargs.pop("log10_alpha", None)  # already folded into alpha by the lightreg.alpha resolver
-    reg_kwargs = {k: kwargs.pop(k) for k in REGULARIZER_KEYS if k in kwargs}
-    reg_kwargs = {k: v for k, v in reg_kwargs.items() if v is not None}  # null: the Regularizer's default
+    penalty_kwargs, reg_kwargs = split_penalty(node)
+    target = penalty_kwargs.pop("_target_")
+    check_arguments(get_class(target), penalty_kwargs, "penalty")
+    check_arguments(Regularizer, reg_kwargs, "penalty")
     if reg_kwargs.get("schedule") is not None:
         reg_kwargs["schedule"] = instantiate(reg_kwargs["schedule"], _convert_="all")
-    return Regularizer(instantiate(kwargs, _convert_="all"), **reg_kwargs)
+    return Regularizer(instantiate({"_target_": target, **penalty_kwargs}, _convert_="all"), **reg_kwargs)
 
 
-def check_selection(model: pl.LightningModule, regularizer: Regularizer | None, monitor: Any) -> None:
-    """Resolve the penalty's and the monitor's globs on the model now, so a typo stops the run before any
+def check_selection(model: pl.LightningModule, regularizer: Regularizer | None, callbacks: list[Callback]) -> None:
+    """Resolve the penalty's and the monitors' globs on the model now, so a typo stops the run before any
     process, logger run or checkpoint is started (the callbacks would raise the same error at fit start)."""
     if regularizer is not None:
         for name, param in regularizer.select(model):
             regularizer.penalty.check_tensor(name, param)
-    if monitor:
-        select_parameters(model, monitor.get("include"), monitor.get("exclude"))
+    for monitor in callbacks:
+        if isinstance(monitor, WeightMonitor):
+            select_parameters(model, monitor.include, monitor.exclude)
 
 
 def build_strategy(node: DictConfig) -> dict[str, Any]:
@@ -120,56 +149,6 @@ def build_strategy(node: DictConfig) -> dict[str, Any]:
     check_arguments(get_class(target), kwargs, "strategy")
     trainer_kwargs["strategy"] = instantiate({"_target_": target, **kwargs}, _convert_="all")
     return trainer_kwargs
-
-
-class FitResults(Callback):
-    """Puts what the fit ends with into ``trainer.callback_metrics``: the last step and epoch, and the
-    ``Regularizer``'s metrics (``reg/<name>/penalty``, ``/alpha``).
-
-    Lightning sends ``callback_metrics`` back from a spawned rank 0 (``start_method=spawn``), but neither
-    the trainer's counters nor the callbacks' state: read afterwards in the main process, those would be
-    the ones of a callback that never ran. ``trainer/epoch`` counts from 0, as the checkpoint names do
-    (``epoch=14-step=255.ckpt`` after 15 epochs); ``trainer/global_step`` counts optimizer steps.
-    """
-
-    def __init__(self, regularizer: Regularizer | None = None) -> None:
-        self.regularizer = regularizer
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        results = {"trainer/global_step": trainer.global_step, "trainer/epoch": trainer.current_epoch - 1}
-        if self.regularizer is not None:  # a collective under FSDP2: every rank gets here
-            results.update(self.regularizer.metrics())
-        trainer.callback_metrics.update({k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in results.items()})
-
-
-def build_callbacks(cfg: DictConfig, ctx: RunContext, regularizer: Regularizer | None,
-                    max_epochs: int | None = None) -> list[Callback]:
-    callbacks: list[Callback] = [] if regularizer is None else [regularizer]
-    callbacks.append(FitResults(regularizer))
-    if cfg.get("monitor") is not None and cfg.monitor.get("_target_"):
-        callbacks.append(build_target(cfg.monitor, "monitor"))
-    if cfg.checkpoint.enabled:
-        ckpt = _container(cfg.checkpoint)
-        ckpt.pop("enabled")
-        save_last = ckpt.pop("save_last", False)
-        check_arguments(ModelCheckpoint, ckpt, "checkpoint")
-        dirpath = ctx.output_dir / "checkpoints"
-        callbacks.append(ModelCheckpoint(dirpath=dirpath, **ckpt))
-        if save_last:
-            # Lightning's own save_last only refreshes last.ckpt when a new best is saved; this one
-            # overwrites it at every epoch end, so it always holds the weights metrics.json describes.
-            callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
-                                             save_on_train_epoch_end=True, enable_version_counter=False))
-    if cfg.get("freeze_zeros") is not None and cfg.freeze_zeros.get("_target_"):
-        callbacks.append(instantiate(cfg.freeze_zeros))
-    if cfg.data.get("name") == "digits":  # which pixels the first layer still reads, drawn at fit end
-        callbacks.append(FeatureMap(ctx.output_dir / "feature_map.png"))
-    if cfg.progress_bar:
-        # A redrawn bar on a terminal; one line per epoch in a file, a pipe or CI.
-        tty = sys.stdout.isatty()
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate) if tty
-                         else EpochLines.for_epochs(max_epochs))
-    return callbacks
 
 
 def log_every_n_steps(batches_per_epoch: int, limit: int | float | None = None) -> int:
@@ -186,15 +165,30 @@ def log_every_n_steps(batches_per_epoch: int, limit: int | float | None = None) 
     return max(1, min(LOG_EVERY_N_STEPS, batches_per_epoch))
 
 
-def trainer_kwargs(cfg: DictConfig, data: TabularData | None = None) -> dict[str, Any]:
-    """The ``Trainer``'s keyword arguments from ``trainer`` and ``strategy``, checked against its signature."""
+def train_batches(data: Any) -> int | None:
+    """Training batches per epoch: the data's ``train_batches``, else the length of a ``train_dataloader()`` that
+    can be built before ``setup`` (many can), else ``None`` (unknown: an iterable stream, data that needs setup)."""
+    if data is None:
+        return None
+    known = getattr(data, "train_batches", None)
+    if isinstance(known, int):
+        return known
+    try:
+        return len(data.train_dataloader())
+    except Exception:  # noqa: BLE001 - any failure only means "unknown"; Lightning builds the loader itself later
+        return None
+
+
+def trainer_kwargs(cfg: DictConfig, data: Any = None) -> dict[str, Any]:
+    """The ``Trainer``'s keyword arguments from ``trainer`` and ``strategy``, checked against its signature. When an
+    epoch's batches are known (:func:`train_batches`), logger rows come at least once per epoch."""
     kwargs = _container(cfg.trainer)
-    if kwargs.get("log_every_n_steps") is None and data is not None:
-        kwargs["log_every_n_steps"] = log_every_n_steps(data.train_batches, kwargs.get("limit_train_batches"))
+    batches = train_batches(data)
+    if kwargs.get("log_every_n_steps") is None:
+        kwargs["log_every_n_steps"] = log_every_n_steps(batches, kwargs.get("limit_train_batches")) if batches else LOG_EVERY_N_STEPS
     check_arguments(pl.Trainer, kwargs, "trainer")
     kwargs.update(build_strategy(cfg.strategy))
     kwargs["enable_progress_bar"] = bool(cfg.progress_bar)
-    kwargs["enable_checkpointing"] = bool(cfg.checkpoint.enabled)
     return kwargs
 
 
@@ -229,9 +223,10 @@ def build_job(cfg: DictConfig, ctx: RunContext) -> Job:
     data = build_data(cfg)
     model = build_model(cfg, data)
     regularizer = build_regularizer(cfg.penalty)
-    check_selection(model, regularizer, cfg.get("monitor") or {})
     kwargs = trainer_kwargs(cfg, data)
     callbacks = build_callbacks(cfg, ctx, regularizer, kwargs.get("max_epochs"))
+    check_selection(model, regularizer, callbacks)
+    kwargs["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     logger = build_logger(cfg.logger, cfg, ctx)
     try:
         trainer = pl.Trainer(**kwargs, callbacks=callbacks, logger=logger if logger is not None else False,

@@ -62,6 +62,7 @@ class RunContext:
     job_num: int | None = None
     overrides: str = ""
     choices: dict[str, str] = field(default_factory=dict)
+    config_name: str = "train"
 
     @classmethod
     def from_hydra(cls, cfg: DictConfig | None = None) -> RunContext:
@@ -83,6 +84,7 @@ class RunContext:
             job_num=hc.job.num if multirun else None,
             overrides=hc.job.override_dirname,
             choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")},
+            config_name=str(hc.job.config_name),
         )
 
     @property

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightreg.app.arguments import check_tabular
+
 SKLEARN_SETS = {
     # name: (loader name in sklearn.datasets, task)
     "digits": ("load_digits", "classification"),
@@ -106,10 +108,7 @@ class TabularData(pl.LightningDataModule):
         noise: float = 0.5,
     ) -> None:
         super().__init__()
-        if name not in (*SKLEARN_SETS, "synthetic"):
-            raise ValueError(f"data name must be one of {[*SKLEARN_SETS, 'synthetic']}, got {name!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None (full batch), got {batch_size!r}")
+        check_tabular(name, batch_size, val_fraction, test_fraction, n_features, n_informative)
         self.name, self.batch_size, self.seed = name, batch_size, seed
         self.fractions = (val_fraction, test_fraction)
         self.synthetic = dict(n_samples=n_samples, n_features=n_features, n_informative=n_informative, noise=noise)

@@ -15,6 +15,8 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from lightreg.app.arguments import check_mlp, check_task_model
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
@@ -42,16 +44,7 @@ class TaskModel(pl.LightningModule):
         momentum: float = 0.0,
     ) -> None:
         super().__init__()
-        if task not in ("classification", "regression"):
-            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        check_task_model(task, optimizer, lr, weight_decay, momentum)
         self.task, self.optimizer_name, self.lr = task, optimizer, lr
         self.weight_decay, self.momentum = weight_decay, momentum
         self.in_features, self.num_outputs = in_features, num_outputs
@@ -151,14 +144,7 @@ class MLP(TaskModel):
     def __init__(self, depth: int = 2, width: int = 64, dropout: float = 0.0, activation: str = "relu", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be an int >= 1, got {width!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        check_mlp(depth, width, dropout, activation)
         layers: list[nn.Module] = []
         size = self.in_features
         for _ in range(depth):

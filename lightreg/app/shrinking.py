@@ -1,16 +1,19 @@
-"""``shrink=true``: after the test, cut the trained network down to its live units, test the copy, save it.
+"""``shrink=true``: after the test, cut the trained network down to its live units, compare, save it.
 
-The run directory gets
+``shrink_module`` names the submodule to cut (``net`` for the app's models; a dotted path such as ``head`` or
+``encoder.ffn`` for a user's model). A model without that submodule, or one :func:`lightreg.shrink` cannot cut, is
+skipped with one line saying why, and the run goes on. The run directory gets
 
-* ``shrunk.pt``: ``torch.save`` of a dict with ``module`` (the shrunk ``nn.Sequential``, made of plain torch
+* ``shrunk.pt``: ``torch.save`` of a dict with ``module`` (the shrunk submodule, made of plain torch
   modules: ``torch.load(path, weights_only=False)["module"]`` needs nothing but torch), ``report`` (as in
-  ``shrink_report.json``), ``input_shape`` and ``task``;
+  ``shrink_report.json``), ``path`` (the submodule's name), ``input_shape`` and ``task`` (the app's models);
 * ``shrink_report.json``: ``lightreg.ShrinkReport.to_dict()``, per layer and in total;
 
-and ``metrics.json`` gets ``shrink/params_before``, ``shrink/params_after``, the shrunk model's
-``shrink/test/<metric>`` and ``shrink/test/loss``, and ``shrink/max_abs_diff``, the largest difference between
-the two models' outputs over the test split. The shrunk model is tested at float32 (or the model's dtype)
-without autocast; under mixed precision compare it with the original at that precision.
+and ``metrics.json`` gets ``shrink/params_before``, ``shrink/params_after`` and ``shrink/max_abs_diff``, the largest
+difference between the two submodules' outputs on the inputs the submodule saw during the test (captured by a
+forward pre-hook, :class:`InputCapture`). The app's own models also get ``shrink/test/<metric>`` and
+``shrink/test/loss`` of the shrunk network. The shrunk module runs at float32 (or the model's dtype) without
+autocast; under mixed precision compare it with the original at that precision.
 """
 
 from __future__ import annotations
@@ -38,9 +41,39 @@ def check_shrink(cfg: DictConfig, trainer: pl.Trainer) -> None:
                           "Use strategy=auto, gpu, ddp or ddp_cpu, or shrink a gathered copy yourself")
 
 
+class InputCapture:
+    """Keeps (on the CPU) the positional inputs of the first ``limit`` calls of ``module`` while it is attached."""
+
+    def __init__(self, module: nn.Module, limit: int = 8) -> None:
+        self.inputs: list[tuple[Tensor, ...]] = []
+        self.limit = limit
+        self._handle = module.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if len(self.inputs) < self.limit and all(isinstance(a, Tensor) for a in args):
+            self.inputs.append(tuple(a.detach().cpu() for a in args))
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def find_submodule(model: nn.Module, path: str) -> nn.Module | str:
+    """``model``'s submodule at the dotted ``path``, or a line saying why there is none."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_children()]
+        return f"shrink skipped: the model has no submodule {path!r} (set shrink_module to one of {names})"
+
+
+def shrink_submodule(module: nn.Module) -> nn.Module:
+    """The app's one call into :func:`lightreg.shrink` (raises ``TypeError``/``ValueError`` for a module it cannot cut)."""
+    return shrink(module)
+
+
 @torch.no_grad()
 def evaluate(model: pl.LightningModule, net: nn.Module, loader: Any) -> tuple[dict[str, float], Tensor]:
-    """The model's own test metrics and loss for ``net`` over ``loader``, and the concatenated outputs."""
+    """The app's model's own test metrics and loss for ``net`` over ``loader``, and the concatenated outputs."""
     net.eval()
     metrics = model._stage_metrics()
     outputs, targets = [], []
@@ -55,27 +88,52 @@ def evaluate(model: pl.LightningModule, net: nn.Module, loader: Any) -> tuple[di
     return values, out
 
 
-def shrink_run(model: pl.LightningModule, data: Any, ctx: RunContext, *, report: bool = True) -> dict[str, float]:
-    """Shrink ``model.net``, test the result on the test split, write ``shrunk.pt`` and ``shrink_report.json``;
-    return the ``shrink/...`` metrics."""
+@torch.no_grad()
+def max_abs_diff(original: nn.Module, small: nn.Module, inputs: list[tuple[Tensor, ...]]) -> float:
+    """The largest difference between the two modules' outputs over ``inputs``."""
+    original.eval()
+    small.eval()
+    worst = 0.0
+    for args in inputs:
+        a, b = original(*args), small(*args)
+        if a.numel():
+            worst = max(worst, float((a - b).abs().max()))
+    return worst
+
+
+def shrink_run(model: pl.LightningModule, data: Any, ctx: RunContext, path: str = "net", *, report: bool = True,
+               capture: InputCapture | None = None) -> dict[str, float]:
+    """Shrink ``model.<path>``, compare it with the original, write ``shrunk.pt`` and ``shrink_report.json``; return
+    the ``shrink/...`` metrics (none, after one line saying why, when the model has nothing to shrink)."""
+    from lightreg.app.progress import say
     from lightreg.app.train import write_json_atomic
 
     model = model.cpu().eval()
-    small = shrink(model.net)
-    rows = tuple(replace(row, name=f"net.{row.name}") for row in shrink_report(small).rows)  # the parameter names
+    module = find_submodule(model, path)
+    if isinstance(module, str):
+        say(module)
+        return {}
+    try:
+        small = shrink_submodule(module)
+    except (TypeError, ValueError) as err:
+        say(f"shrink skipped: {path} ({type(module).__name__}): {err}")
+        return {}
+    rows = tuple(replace(row, name=f"{path}.{row.name}") for row in shrink_report(small).rows)  # the parameter names
     result = replace(shrink_report(small), rows=rows)
-    loader = data.test_dataloader()
-    _, original = evaluate(model, model.net, loader)
-    shrunk_metrics, shrunk = evaluate(model, small, loader)
+    metrics: dict[str, float] = {}
+    if hasattr(model, "_stage_metrics") and path == "net":  # the app's models: the shrunk net's own test metrics
+        loader = data.test_dataloader()
+        _, original = evaluate(model, module, loader)
+        shrunk_metrics, shrunk = evaluate(model, small, loader)
+        metrics.update({f"shrink/{k}": v for k, v in shrunk_metrics.items()})
+        metrics["shrink/max_abs_diff"] = float((shrunk - original).abs().max()) if original.numel() else 0.0
+    elif capture is not None:
+        metrics["shrink/max_abs_diff"] = max_abs_diff(module, small, capture.inputs)
     del small.shrink_report  # the saved module is plain torch: loading it needs nothing else
-    torch.save({"module": small, "report": result.to_dict(), "input_shape": model.input_shape, "task": model.task},
-               ctx.output_dir / "shrunk.pt")
+    torch.save({"module": small, "report": result.to_dict(), "path": path, "input_shape": getattr(model, "input_shape", None),
+                "task": getattr(model, "task", None)}, ctx.output_dir / "shrunk.pt")
     write_json_atomic(ctx.output_dir / "shrink_report.json", result.to_dict())
     if report:
         print_shrink_report(result, title=f"Shrink ({ctx.name})")
-    return {
-        "shrink/params_before": float(result.params_before),
-        "shrink/params_after": float(result.params_after),
-        **{f"shrink/{k}": v for k, v in shrunk_metrics.items()},
-        "shrink/max_abs_diff": float((shrunk - original).abs().max()) if original.numel() else 0.0,
-    }
+    return {"shrink/params_before": float(result.params_before), "shrink/params_after": float(result.params_after),
+            **metrics}

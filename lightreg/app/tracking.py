@@ -90,12 +90,3 @@ def finish_wandb(logger: Logger | None, summary: dict[str, float] | None, exit_c
     if offline:
         return f"W&B run saved offline in {run_dir}\n  upload it with:  wandb sync {run_dir}"
     return f"W&B run: {url}" if url else None
-
-
-def abort_wandb(exit_code: int = 1) -> None:
-    """Finish any open W&B run as failed (``exit_code`` != 0), so the next job of a sweep starts a fresh one."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=exit_code)

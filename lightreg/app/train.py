@@ -22,12 +22,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from lightreg import print_report, sparsity_report
+from lightreg import WeightMonitor, print_report, sparsity_report
 from lightreg.app.build import Job, build_job
 from lightreg.app.config import ConfigError, RunContext
 from lightreg.app.progress import say
 from lightreg.app.tracking import finish_wandb, log_config
-from lightreg.app.shrinking import check_shrink, shrink_run
+from lightreg.app.shrinking import InputCapture, check_shrink, find_submodule, shrink_run
 from lightreg.report import overall_sparsity
 
 #: What building objects from the config raises for a bad value; reported as a ConfigError.
@@ -66,14 +66,14 @@ def support_metrics(model: pl.LightningModule, true_support: Any) -> dict[str, f
 def final_metrics(job: Job, fit_metrics: dict[str, float], test_results: list[dict[str, float]],
                   rows: list[dict[str, Any]], fit_seconds: float) -> dict[str, float]:
     """One flat dict: the last epoch's train/val metrics, ``trainer/epoch``, ``trainer/global_step`` and the
-    penalty's ``reg/...`` (:class:`~lightreg.app.build.FitResults`), the test metrics and the weights' sparsity."""
+    penalty's ``reg/...`` (:class:`~lightreg.app.callbacks.FitResults`), the test metrics and the weights' sparsity."""
     metrics = dict(fit_metrics)
     for result in test_results:
         metrics.update({k: float(v) for k, v in result.items()})
     metrics["weights/global/sparsity"] = overall_sparsity(rows)
     for row in rows:
         metrics[f"weights/{row['name']}/sparsity"] = row["sparsity"]
-    if job.data.true_support is not None:
+    if getattr(job.data, "true_support", None) is not None:  # the synthetic set knows which features matter
         metrics.update(support_metrics(job.model, job.data.true_support))
     metrics["time/fit_seconds"] = fit_seconds
     return metrics
@@ -91,6 +91,14 @@ def prepare(cfg: DictConfig, ctx: RunContext) -> Job:
     return job
 
 
+def capture_for_shrink(cfg: DictConfig, model: pl.LightningModule) -> InputCapture | None:
+    """With ``shrink=true``, record what the submodule to shrink sees during the test (to compare the copy with)."""
+    if not cfg.get("shrink"):
+        return None
+    module = find_submodule(model, cfg.shrink_module)
+    return None if isinstance(module, str) else InputCapture(module)
+
+
 def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     """Fit and test the configured model; return the final metrics (also in ``metrics.json`` on rank 0)."""
     route_lightning_logs(ctx.output_dir)
@@ -100,15 +108,19 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     job.trainer.fit(job.model, datamodule=job.data)
     fit_seconds = time.perf_counter() - start
     fit_metrics = {k: float(v) for k, v in job.trainer.callback_metrics.items() if v.numel() == 1}
+    capture = capture_for_shrink(cfg, job.model)
     test_results = job.trainer.test(job.model, datamodule=job.data, verbose=False)
-    monitor = cfg.get("monitor") or {}
-    rows = sparsity_report(job.model, monitor.get("include"), monitor.get("exclude"))  # collective under FSDP2
+    if capture is not None:
+        capture.close()
+    monitor = next((c for c in job.trainer.callbacks if isinstance(c, WeightMonitor)), None)
+    selection = (monitor.include, monitor.exclude) if monitor is not None else (None, None)
+    rows = sparsity_report(job.model, *selection)  # collective under FSDP2
     metrics = final_metrics(job, fit_metrics, test_results, rows, fit_seconds)
     if job.trainer.is_global_zero:
         if cfg.report:
             print_report(rows, title=f"Weight sparsity ({ctx.name})")
         if cfg.get("shrink"):
-            metrics.update(shrink_run(job.model, job.data, ctx, report=cfg.report))
+            metrics.update(shrink_run(job.model, job.data, ctx, cfg.shrink_module, report=cfg.report, capture=capture))
         write_json_atomic(ctx.output_dir / "metrics.json", metrics)
         say(f"metrics: {ctx.output_dir / 'metrics.json'}")
         message = finish_wandb(job.logger, metrics)

@@ -66,13 +66,18 @@ def check_arguments(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: st
         lightreg.app.config.ConfigError: trainer.max_epoch is not an argument of fit (did you mean max_epochs?)
     """
     known, open_ = parameters(fn)
+    check_keys(known, open_, kwargs, where, fn.__name__)
+
+
+def check_keys(known: Mapping[str, Any], open_: bool, kwargs: Mapping[str, Any], where: str, owner: str) -> None:
+    """:func:`check_arguments` on a signature already read: ``known`` = {name: annotation}, ``open_`` = takes any key."""
     for key, value in kwargs.items():
         if key not in known:
             if open_:
                 continue
             close = difflib.get_close_matches(key, list(known), n=3)
             hint = f"did you mean {', '.join(close)}?" if close else f"it takes {', '.join(sorted(known))}"
-            raise ConfigError(f"{where}.{key} is not an argument of {fn.__name__} ({hint})")
+            raise ConfigError(f"{where}.{key} is not an argument of {owner} ({hint})")
         hint = known[key]
         if hint is not _EMPTY and not matches(value, hint):
             raise ConfigError(f"{where}.{key} must be {describe(hint)}, got {value!r}")
