@@ -38,12 +38,12 @@ class Weights(pl.Callback):
         self.after.append([pl_module.net[0].weight.detach().clone(), pl_module.net[3].weight.detach().clone()])
 
 
-def fit(factor, steps, optimizer="adam", lr=0.01, reg=None, dtype=torch.float32, batch_size=16):
+def fit(factor, steps, optimizer="adam", lr=0.01, reg=None, dtype=torch.float32, batch_size=16, extra=(), **kwargs):
     x, y = regression_data(dtype=dtype)
     model = Scheduled(factor, h=32, optimizer=optimizer, lr=lr, dtype=dtype)
     weights = Weights()
-    trainer(callbacks=[c for c in (reg, weights) if c is not None], max_steps=steps, max_epochs=-1).fit(
-        model, loader(x, y, batch_size=batch_size))
+    trainer(callbacks=[c for c in (reg, weights, *extra) if c is not None], max_steps=steps, max_epochs=-1,
+            enable_checkpointing=bool(extra)).fit(model, loader(x, y, batch_size=batch_size), **kwargs)
     return model, weights.after
 
 
@@ -148,3 +148,31 @@ def test_held_levels_follow_the_lr_as_a_hand_written_loop_does():
     for step in (1, 8):  # (step 0 against the initial weights: the loop's first step)
         assert all(torch.equal(a, b) for a, b in zip(after[step], after[step - 1])), step
     assert zero_count(after[-1]) == round(0.8 * (8 * 32 + 32))
+
+
+class StopAt(pl.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
+
+
+def test_resume_between_selections_with_a_scheduled_lr_is_bit_exact(tmp_path):
+    """Selections every 5 steps; the checkpoint after step 11 holds the level selected at step 10 and its lr."""
+
+    def make():
+        return Regularizer(L1(0.0), target_sparsity=0.75, target_every=5)
+
+    full_reg = make()
+    full, _ = fit(warmup_from_zero, 24, reg=full_reg)
+    save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=12, save_top_k=-1)
+    fit(warmup_from_zero, 24, reg=make(), extra=[save, StopAt(12)])  # the window of the 24-step fit
+    (ckpt,) = tmp_path.glob("*.ckpt")
+    held = torch.load(ckpt, weights_only=False)["callbacks"][full_reg.state_key]["target"]["held"]
+    assert list(held["levels"]) == ["net.0.weight"] and held["levels"]["net.0.weight"][1] == 0.01  # lr at step 10
+    resumed_reg = make()
+    resumed, _ = fit(warmup_from_zero, 24, reg=resumed_reg, ckpt_path=ckpt)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    assert resumed_reg._target.seen == full_reg._target.seen == 24
