@@ -46,10 +46,11 @@ class Regularizer(Callback):
     ``None``: skipped, as torch skips it), with the group's ``lr`` then.
 
     With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``,
-    ``GroupLasso``) alpha is not the penalty's: after every step of a ramp it is set to the level at which
-    the prox zeroes exactly the ramped fraction of the selection (``lightreg.target``); then the zero
-    pattern is frozen and the penalty is off for a final debias phase. Also logged: ``reg/<name>/sparsity``
-    and ``reg/<name>/target``.
+    ``GroupLasso``) alpha is not the penalty's: on the selection steps of a ramp (every ``target_every``
+    steps, and the step before the freeze) it is set to the level at which the prox zeroes exactly the
+    ramped fraction of the selection, and held, rescaled by the lr, in between (``lightreg.target``); then
+    the zero pattern is frozen and the penalty is off for a final debias phase. A step with lr 0 zeroes and
+    selects nothing. Also logged: ``reg/<name>/sparsity`` and ``reg/<name>/target``.
 
     Where: ``proximal`` in the step post-hook; ``gradient`` and ``decoupled`` in ``on_before_optimizer_step``
     under automatic optimization (backward runs inside ``optimizer.step``; ``decoupled`` with a grad
@@ -78,7 +79,7 @@ class Regularizer(Callback):
         target_debias: the final phase with the zeros frozen and the penalty off, as steps or a fraction of
             the fit; default: from the end of the ramp on; ``0``: none (the level keeps tracking the target).
         target_every: select the level exactly every n steps of the ramp (and always at the step before the
-            freeze), holding it (rescaled by the lr) in between; default ``clamp(ramp steps // 32, 1, 16)``;
+            freeze), holding it (rescaled by the lr) in between; default ``clamp(ramp steps // 32, 1, 32)``;
             1: every step.
 
     Example:
@@ -189,10 +190,9 @@ class Regularizer(Callback):
             log_scalars(trainer, self.metrics())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        steps = self._target.step_index(trainer.global_step) if self._target is not None else 0
-        if self._target is not None and self._target.ended_short(steps):  # every rank: the sparsity is a collective
-            sparsity = float(self.metrics()[f"reg/{self.name}/sparsity"])
-            rank_zero_warn(f"Regularizer {self.name!r}: {self._target.short_message(steps, sparsity)}")
+        short = self._target and self._target.ended_short(self._target.step_index(trainer.global_step))
+        if short:  # on every rank: the sparsity is a collective
+            rank_zero_warn(f"Regularizer {self.name!r}: " + short.format(sparsity=float(self.metrics()[f"reg/{self.name}/sparsity"])))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.remove(forget=False)  # penalised() still answers after the fit

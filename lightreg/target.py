@@ -33,7 +33,8 @@ from lightreg.kth_value import Levels, Reduce, level_for_fraction
 from lightreg.penalty import Penalty, Step
 from lightreg.statistics import Reduction
 from lightreg.target_level import HeldLevels
-from lightreg.target_window import Point, SparsityWindow, check_point, check_ramp, default_interval, known_length, resolve_window
+from lightreg.target_window import (Point, SparsityWindow, check_known_length, check_point, check_ramp, default_interval,
+                                    resolve_window)
 
 #: One param group's prox work: the names, the tensors the penalty acts on, their steps (one float or one each)
 #: and the group's lr.
@@ -86,7 +87,7 @@ class TargetSparsity:
 
     Example:
         >>> t = TargetSparsity(0.9); t.setup(3000); t.window, t.interval
-        (SparsityWindow(start=0, end=2000, freeze=2000), 16)
+        (SparsityWindow(start=0, end=2000, freeze=2000), 32)
     """
 
     def __init__(self, target: float, ramp: Sequence[Point] | None = None, debias: Point | None = None,
@@ -127,18 +128,9 @@ class TargetSparsity:
         and the window is given as fractions of the fit (the default ramp is).
         """
         if self.window is None:
-            if known_length(total_steps) == math.inf and any(isinstance(p, float) for p in self._points()):
-                raise ValueError(
-                    f"target_sparsity={self.target!r} places its ramp at fractions of the fit (target_ramp="
-                    f"{tuple(self.ramp or (0, '2/3'))}, target_debias={self.debias!r}), but this fit has no known "
-                    f"length (trainer.estimated_stepping_batches = {total_steps}: a data stream without len and no "
-                    "max_steps): set Trainer(max_steps=...), or give target_ramp=(start, end) and target_debias as "
-                    "step counts (ints)")
+            check_known_length(self.target, self.ramp, self.debias, total_steps)
             self.window = resolve_window(total_steps, self.ramp, self.debias)
         self.interval = self.every or default_interval(self.window)
-
-    def _points(self) -> list[Point]:
-        return list(self.ramp or (0, 2 / 3)) + ([] if self.debias is None else [self.debias])
 
     def fraction(self, step: int) -> float:
         """The ramped target at ``step``."""
@@ -221,15 +213,13 @@ class TargetSparsity:
         return {f"reg/{name}/sparsity": zero_fraction(penalty, tensors, reduction),
                 f"reg/{name}/target": self.fraction(step)}
 
-    def ended_short(self, steps: int) -> bool:
-        """Whether a fit that ran ``steps`` optimizer steps ended before the ramp (or the freeze that ends it on
-        the target) did: EarlyStopping, ``max_time``, a shorter fit than the window was resolved for."""
-        w = self.window
-        return w is not None and steps < (w.end if w.freeze is None else max(w.freeze, w.end))
-
-    def short_message(self, steps: int, sparsity: float) -> str:
+    def ended_short(self, steps: int) -> str | None:
+        """A warning when a fit that ran ``steps`` optimizer steps ended before the window that ends it on the
+        target did (EarlyStopping, ``max_time``); ``None`` if it did not. ``sparsity()`` is called then only."""
+        if self.window is None or self.window.covered_by(steps):
+            return None
         return (f"the fit ended after {steps} optimizer steps, before the sparsity target's window did ({self.window}): "
-                f"sparsity reached {sparsity:.4f} against target_sparsity={self.target!r} (ramped target at the end "
+                f"sparsity reached {{sparsity:.4f}} against target_sparsity={self.target!r} (ramped target at the end "
                 f"{self.fraction(max(steps - 1, 0)):.4f}). For a fit that may stop early (EarlyStopping, max_time), "
                 "give target_ramp as step counts that end before it can stop")
 

@@ -54,6 +54,18 @@ def _point(name: str, value: Point, total: float) -> int:
     return round(value * total)
 
 
+def check_known_length(target: float, ramp: Sequence[Point] | None, debias: Point | None, total_steps: float) -> None:
+    """Raise ``ValueError`` saying what to set when a window given as fractions of the fit (the default ramp is)
+    meets a fit of unknown length (``total_steps`` -1 or inf: a data stream without ``len`` and no ``max_steps``)."""
+    points = list(ramp or (0, 2 / 3)) + ([] if debias is None else [debias])
+    if known_length(total_steps) == math.inf and any(isinstance(p, float) for p in points):
+        raise ValueError(
+            f"target_sparsity={target!r} places its ramp at fractions of the fit (target_ramp={tuple(ramp or (0, '2/3'))}, "
+            f"target_debias={debias!r}), but this fit has no known length (trainer.estimated_stepping_batches = "
+            f"{total_steps}: a data stream without len and no max_steps): set Trainer(max_steps=...), or give "
+            "target_ramp=(start, end) and target_debias as step counts (ints)")
+
+
 def check_ramp(ramp: object) -> None:
     """Raise unless ``ramp`` is a pair ``(start, end)`` of points, start before end when comparable."""
     if isinstance(ramp, (str, bytes)) or not isinstance(ramp, Sequence) or len(ramp) != 2:
@@ -81,6 +93,10 @@ class SparsityWindow:
 
     def frozen(self, step: int) -> bool:
         return self.freeze is not None and step >= self.freeze
+
+    def covered_by(self, steps: int) -> bool:
+        """Whether a fit of ``steps`` optimizer steps reaches the end of the ramp and the freeze."""
+        return steps >= max(self.end, self.freeze or 0)
 
 
 def resolve_window(total_steps: float, ramp: Sequence[Point] | None = None, debias: Point | None = None) -> SparsityWindow:
@@ -119,20 +135,21 @@ def resolve_window(total_steps: float, ramp: Sequence[Point] | None = None, debi
 
 
 #: The most optimizer steps between two exact selections of the level by default, and the fewest selections per ramp.
-MAX_INTERVAL, MIN_SELECTIONS = 16, 32
+MAX_INTERVAL, MIN_SELECTIONS = 32, 32
 
 
 def default_interval(window: SparsityWindow) -> int:
-    """The default ``target_every``: ``clamp(ramp length // 32, 1, 16)`` steps between exact selections.
+    """The default ``target_every``: ``clamp(ramp length // 32, 1, 32)`` steps between exact selections.
 
     At least 32 exact selections over the ramp (a ramp of fewer than 64 steps selects at every step), and at
-    most 16 steps apart: one selection costs about four prox passes (two histogram passes that recompute the
-    levels), so at 16 steps apart it adds about a quarter of the prox's cost per step.
+    most 32 steps apart: one selection costs about four prox passes (two histogram passes that recompute the
+    levels), so 32 steps apart it adds about an eighth of the prox's cost per step. (Gradual magnitude pruning
+    commonly prunes every 100 to 1000 steps; the level in between is held, rescaled by the lr.)
 
     Example:
         >>> default_interval(SparsityWindow(0, 50, 50)), default_interval(SparsityWindow(0, 340, 340))
         (1, 10)
         >>> default_interval(SparsityWindow(100, 20_100, None))
-        16
+        32
     """
     return max(1, min(MAX_INTERVAL, (window.end - window.start) // MIN_SELECTIONS))
