@@ -190,6 +190,7 @@ class Regularizer(Callback):
             log_scalars(trainer, self.metrics())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With a target: warn, with the sparsity reached, when the fit ended before its window did."""
         short = self._target and self._target.ended_short(self._target.step_index(trainer.global_step))
         if short:  # on every rank: the sparsity is a collective
             rank_zero_warn(f"Regularizer {self.name!r}: " + short.format(sparsity=float(self.metrics()[f"reg/{self.name}/sparsity"])))
