@@ -48,8 +48,8 @@ class Regularizer(Callback):
     With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``,
     ``GroupLasso``) alpha is not the penalty's: on the selection steps of a ramp (every ``target_every``
     steps, and the step before the freeze) it is set to the level at which the prox zeroes exactly the
-    ramped fraction of the selection, and held, rescaled by the lr, in between (``lightreg.target``); then
-    the zero pattern is frozen and the penalty is off for a final debias phase. A step with lr 0 zeroes and
+    ramped fraction of the selection; in between, that zero pattern is held (``lightreg.target``); then the
+    zero pattern is frozen and the penalty is off for a final debias phase. A step with lr 0 zeroes and
     selects nothing. Also logged: ``reg/<name>/sparsity`` and ``reg/<name>/target``.
 
     Where: ``proximal`` in the step post-hook; ``gradient`` and ``decoupled`` in ``on_before_optimizer_step``
@@ -79,8 +79,7 @@ class Regularizer(Callback):
         target_debias: the final phase with the zeros frozen and the penalty off, as steps or a fraction of
             the fit; default: from the end of the ramp on; ``0``: none (the level keeps tracking the target).
         target_every: select the level exactly every n steps of the ramp (and always at the step before the
-            freeze), holding it (rescaled by the lr) in between; default ``clamp(ramp steps // 32, 1, 32)``;
-            1: every step.
+            freeze), holding its zero pattern in between; default ``clamp(ramp steps // 32, 1, 32)``; 1: every step.
 
     Example:
         >>> from lightreg import L1
@@ -234,14 +233,12 @@ class Regularizer(Callback):
         stepped = self._binding.stepped(optimizer)
         work: list[Work] = [(names, self._operands(ps), self.prox_steps(unwrap(optimizer), g, ps), _lr(g))
                             for g, names, ps in stepped]
-        alphas = [alpha] * len(work)
-        if self._target is not None:  # one alpha per param group (a held level follows each group's lr)
-            reduction = shard_reduction([p for _, _, ps in stepped for p in ps])
-            alphas = self._target.alphas_after_step(self._last_step, self.penalty, work, reduction)
+        if self._target is not None:
+            self._target.prox_after_step(self._last_step, self.penalty, work, shard_reduction([p for _, _, ps in stepped for p in ps]))
             self.alpha = self._target.alpha
-        for (_, operands, steps, _), a in zip(work, alphas, strict=True):
-            if a != 0.0:  # the prox at alpha 0 is the identity
-                self.penalty.apply_prox_(operands, steps, a)
+        elif alpha != 0.0:  # the prox at alpha 0 is the identity
+            for _, operands, steps, _ in work:
+                self.penalty.apply_prox_(operands, steps, alpha)
 
     def prox_steps(
         self, optimizer: torch.optim.Optimizer, group: dict[str, Any], params: Sequence[Tensor]

@@ -5,10 +5,11 @@ Level tracking, not a controller. A penalty whose prox makes zeros zeroes a unit
 for ``ElasticNet``), ``w_i² / (2 t_i)`` for ``L0``, ``||w_g / t_g|| / sqrt(|g|)`` for ``GroupLasso``,
 ``t`` the prox step (``Penalty.zero_levels``). So on the selection steps of the ramp, right after the optimizer
 step, alpha is set to the k-th smallest zero level over the whole selection, ``k = round(s_t * n)``, and the prox
-zeroes exactly the ramped target ``s_t`` (more only on ties); between selections the level is held, rescaled by
-each param group's lr (``lightreg.target_level``). Selections: every ``target_every`` steps from the ramp's start
-(default ``lightreg.target_window.default_interval``) and always at the step before the freeze, so the fit ends
-exactly on the target. The target follows the cubic schedule of Zhu & Gupta (2017) over a window of steps
+zeroes exactly the ramped target ``s_t`` (more only on ties). Selecting reads every tensor twice, so it is done
+every ``target_every`` steps from the ramp's start (default ``lightreg.target_window.default_interval``) and always
+at the step before the freeze, so the fit ends exactly on the target; in between, the zero pattern of the last
+selection is held (a mask put back after each step, as gradual magnitude pruning holds its mask between pruning
+steps) and the penalty is off. A step whose lr is 0 moves no weight: it zeroes and selects nothing. The target follows the cubic schedule of Zhu & Gupta (2017) over a window of steps
 (``lightreg.target_window``). After the ramp (from ``freeze`` on) the zero pattern is frozen (a mask re-applied
 after every step) and the penalty is off, so the surviving weights lose the penalty's shrinkage bias (the debias
 phase). Steps are counted by the callback's own optimizer step hooks as well as ``trainer.global_step``, which raw
@@ -32,7 +33,6 @@ from lightreg._checks import check_int, check_real
 from lightreg.kth_value import Levels, Reduce, level_for_fraction
 from lightreg.penalty import Penalty, Step
 from lightreg.statistics import Reduction
-from lightreg.target_level import HeldLevels
 from lightreg.target_window import (Point, SparsityWindow, check_known_length, check_point, check_ramp, default_interval,
                                     resolve_window)
 
@@ -76,14 +76,15 @@ def zero_fraction(penalty: Penalty, tensors: Sequence[Tensor], reduction: Reduct
 
 
 class TargetSparsity:
-    """The state of a target: the window, the held levels, the steps seen and the frozen zero pattern.
+    """The state of a target: the window, the last level, the steps seen and the zero pattern held or frozen.
 
     Args:
         target: the final fraction of zero units, in (0, 1).
         ramp, debias: see :func:`lightreg.target_window.resolve_window`.
         every: select the level exactly every ``every`` steps of the ramp (and always at its last step before
-            the freeze); in between the last level is held, rescaled by the lr. ``None`` (default):
-            :func:`lightreg.target_window.default_interval` of the window; 1 tracks the target at every step.
+            the freeze); in between the zero pattern of the last selection is held and the penalty is off.
+            ``None`` (default): :func:`lightreg.target_window.default_interval` of the window; 1 tracks the
+            target at every step.
 
     Example:
         >>> t = TargetSparsity(0.9); t.setup(3000); t.window, t.interval
@@ -104,7 +105,8 @@ class TargetSparsity:
         self.window: SparsityWindow | None = None
         self.interval = every or 1
         self.alpha = 0.0
-        self.held = HeldLevels()
+        self.pending = False  # a selection fell on a step whose lr was 0 everywhere
+        self.selected = False  # a level has been selected (there is a zero pattern to hold)
         self.seen = 0  # optimizer steps the callback saw (raw optimizers do not advance trainer.global_step)
         self.masks: dict[str, Tensor] = {}
 
@@ -160,51 +162,50 @@ class TargetSparsity:
         self.seen = step + 1
         return step
 
-    # ---- the level ---------------------------------------------------------------------------------
-    def alphas(self, step: int, levels: Levels, dtype: torch.dtype, reduce: Reduce,
-               keys: Sequence[str] = ("",), lrs: Sequence[float] = (1.0,)) -> list[float]:
-        """The alpha of each param group (``keys``, at ``lrs``) after optimizer step ``step``: 0 outside the ramp
-        and for a group with lr 0; the k-th level of ``levels()`` on a selection step; else the held level."""
-        if self.frozen(step) or step < self.window.start:  # type: ignore[union-attr]
-            self.alpha = 0.0
-            return [0.0] * len(keys)
-        if all(lr == 0 for lr in lrs):  # the step moved nothing: nothing to zero, no level to read (|w| / 0)
-            self.held.pending |= self.due(step)
-            return [0.0] * len(keys)
-        if self.held.pending or self.due(step) or self.held.missing(keys, lrs):
-            alpha = level_for_fraction(levels, self.fraction(step), dtype, reduce)
-            self.held.select(alpha, keys, lrs)
-            out = [alpha if lr != 0 else 0.0 for lr in lrs]
-        else:
-            out = [0.0 if a is None else a for a in self.held.alphas(keys, lrs)]
-        self.alpha = next(a for a, lr in zip(out, lrs, strict=True) if lr != 0)
-        return out
+    # ---- the level, and the prox ----------------------------------------------------------------------
+    def selects(self, step: int) -> bool:
+        """Whether the level is selected after ``step`` (in the ramp, not frozen, some lr): a due step, the first
+        one, or the first with an lr after a due step whose lr was 0."""
+        return self.pending or self.due(step) or not self.selected
 
     def level(self, step: int, levels: Levels, dtype: torch.dtype, reduce: Reduce) -> float:
-        """The alpha after optimizer step ``step`` for one param group at a constant lr (see :meth:`alphas`)."""
-        return self.alphas(step, levels, dtype, reduce)[0]
-
-    # ---- what the Regularizer calls around each optimizer step --------------------------------------
-    def alphas_after_step(self, step: int, penalty: Penalty, work: Sequence[Work], reduction: Reduction | None) -> list[float]:
-        """The alpha of the prox of each param group of ``work`` after optimizer step ``step``.
-
-        On a selection step: the level that zeroes the ramped target (a collective with a ``reduction``).
-        Between them: the held level. A group with lr 0: 0 (no prox). In the frozen phase: 0, and the recorded
-        zeros are put back (``w *= mask``) instead.
-        """
-        if self.frozen(step):
-            self.apply_masks_([(n, w) for names, ws, _, _ in work for n, w in zip(names, ws, strict=True)])
+        """The level after optimizer step ``step``: the k-th of ``levels()`` on a selection step, else the last one;
+        0 before the ramp and when frozen."""
+        if self.frozen(step) or step < self.window.start:  # type: ignore[union-attr]
             self.alpha = 0.0
-            return [0.0] * len(work)
-        tensors = [w for _, ws, _, _ in work for w in ws]
-        levels = functools.partial(_zero_levels, penalty, work, list(_counted(tensors, reduction)))
-        keys = [names[0] if names else "" for names, _, _, _ in work]
-        return self.alphas(step, levels, selection_dtype(tensors), reduction or _identity, keys, [lr for *_, lr in work])
+        elif self.selects(step):
+            self.alpha = level_for_fraction(levels, self.fraction(step), dtype, reduce)
+            self.pending, self.selected = False, True
+        return self.alpha
+
+    def prox_after_step(self, step: int, penalty: Penalty, work: Sequence[Work], reduction: Reduction | None) -> None:
+        """After optimizer step ``step``, on the param groups of ``work``: on a selection step, the prox at the level
+        that zeroes the ramped target (a collective with a ``reduction``); in between, and in the frozen phase, the
+        zero pattern of the last selection put back (``w *= mask``) instead, no prox. A step whose lr is 0 everywhere
+        moved nothing: it is left alone (``|w| / 0`` is no level), and a selection due then waits for an lr."""
+        named = [(n, w) for names, ws, _, _ in work for n, w in zip(names, ws, strict=True)]
+        if self.frozen(step) or step < self.window.start:  # type: ignore[union-attr]
+            self.alpha = 0.0
+            self.apply_masks_(named)
+        elif all(lr == 0 for *_, lr in work):
+            self.pending |= self.due(step)
+        elif not self.selects(step):
+            self.apply_masks_(named)
+        else:
+            tensors = [w for _, ws, _, _ in work for w in ws]
+            levels = functools.partial(_zero_levels, penalty, work, list(_counted(tensors, reduction)))
+            alpha = self.level(step, levels, selection_dtype(tensors), reduction or _identity)
+            for _, ws, steps, lr in work:
+                if alpha != 0.0 and lr != 0:  # the prox at alpha 0 or lr 0 is the identity
+                    penalty.apply_prox_(ws, steps, alpha)
+            if self.interval > 1:  # the zero pattern to hold until the next selection
+                self.masks.update({n: w.detach() != 0 for n, w in named})
 
     def before_step(self, step: int, named: Callable[[], Sequence[tuple[str, Tensor]]]) -> None:
-        """Record the zero pattern of ``named()`` before the first frozen step moves the zeros (and again after a
-        resume whose checkpoint could not hold the masks of sharded parameters: the weights still hold the zeros)."""
-        if self.frozen(step):
+        """Record the zero pattern of parameters without a mask before a step that holds it moves the zeros: the
+        first frozen step, a parameter new to the fit, a resume whose checkpoint could not hold the masks of sharded
+        parameters (the weights still hold the zeros)."""
+        if self.frozen(step) or (self.selected and self.interval > 1):
             self.freeze_missing(named())
 
     def metrics(self, name: str, penalty: Penalty, tensors: Sequence[Tensor], reduction: Reduction | None,
@@ -231,23 +232,24 @@ class TargetSparsity:
                 self.masks[name] = w.detach() != 0
 
     def apply_masks_(self, named: Sequence[tuple[str, Tensor]]) -> None:
-        """Put the frozen zeros back after a step: ``w *= mask``."""
+        """Put the recorded zeros back after a step: ``w *= mask`` (a parameter without a mask is left alone)."""
         for name, w in named:
-            w.mul_(self.masks[name])
+            if name in self.masks:
+                w.mul_(self.masks[name])
 
     def state_dict(self, shareable: set[str]) -> dict[str, Any]:
-        """The window, the levels, the steps seen, and the masks of the ``shareable`` names (plain, not sharded, tensors)."""
+        """The window, the level, the steps seen, and the masks of the ``shareable`` names (plain, not sharded, tensors)."""
         window = None if self.window is None else (self.window.start, self.window.end, self.window.freeze)
         masks = {n: m for n, m in self.masks.items() if n in shareable}
-        return {"window": window, "alpha": self.alpha, "masks": masks, "held": self.held.state_dict(), "seen": self.seen}
+        return {"window": window, "alpha": self.alpha, "masks": masks, "seen": self.seen, "pending": self.pending,
+                "selected": self.selected}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.window = None if state["window"] is None else SparsityWindow(*state["window"])
         self.alpha = state["alpha"]
         self.masks = dict(state["masks"])
-        self.seen = state.get("seen", 0)
-        if "held" in state:  # else a checkpoint of a release that selected at every step: the next step selects
-            self.held.load_state_dict(state["held"])
+        # A checkpoint of a release that selected at every step has none of these: the next step selects.
+        self.seen, self.pending, self.selected = state.get("seen", 0), state.get("pending", False), state.get("selected", False)
 
 
 def _zero_levels(penalty: Penalty, work: Sequence[Work], counted: Sequence[bool]) -> Iterator[Tensor]:

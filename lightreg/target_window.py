@@ -142,9 +142,9 @@ def default_interval(window: SparsityWindow) -> int:
     """The default ``target_every``: ``clamp(ramp length // 32, 1, 32)`` steps between exact selections.
 
     At least 32 exact selections over the ramp (a ramp of fewer than 64 steps selects at every step), and at
-    most 32 steps apart: one selection costs about four prox passes (two histogram passes that recompute the
-    levels), so 32 steps apart it adds about an eighth of the prox's cost per step. (Gradual magnitude pruning
-    commonly prunes every 100 to 1000 steps; the level in between is held, rescaled by the lr.)
+    most 32 steps apart: a selection and its prox cost about five prox passes (two histogram passes recompute
+    the levels), a step in between one pass (the zero pattern put back), so 32 steps apart the target costs
+    about a third of a prox per step. (Gradual magnitude pruning prunes every 100 to 1000 steps.)
 
     Example:
         >>> default_interval(SparsityWindow(0, 50, 50)), default_interval(SparsityWindow(0, 340, 340))
