@@ -178,11 +178,13 @@ class TargetSparsity:
             self.pending, self.selected = False, True
         return self.alpha
 
-    def prox_after_step(self, step: int, penalty: Penalty, work: Sequence[Work], reduction: Reduction | None) -> None:
+    def prox_after_step(self, step: int, penalty: Penalty, work: Sequence[Work], reduction: Reduction | None,
+                        apply: Callable[[Sequence[Tensor], Any, float], None] | None = None) -> None:
         """After optimizer step ``step``, on the param groups of ``work``: on a selection step, the prox at the level
         that zeroes the ramped target (a collective with a ``reduction``); in between, and in the frozen phase, the
         zero pattern of the last selection put back (``w *= mask``) instead, no prox. A step whose lr is 0 everywhere
-        moved nothing: it is left alone (``|w| / 0`` is no level), and a selection due then waits for an lr."""
+        moved nothing: it is left alone (``|w| / 0`` is no level), and a selection due then waits for an lr.
+        ``apply(tensors, steps, alpha)`` applies the prox (default ``penalty.apply_prox_``)."""
         named = [(n, w) for names, ws, _, _ in work for n, w in zip(names, ws, strict=True)]
         if self.frozen(step) or step < self.window.start:  # type: ignore[union-attr]
             self.alpha = 0.0
@@ -197,7 +199,7 @@ class TargetSparsity:
             alpha = self.level(step, levels, selection_dtype(tensors), reduction or _identity)
             for _, ws, steps, lr in work:
                 if alpha != 0.0 and lr != 0:  # the prox at alpha 0 or lr 0 is the identity
-                    penalty.apply_prox_(ws, steps, alpha)
+                    (apply or penalty.apply_prox_)(ws, steps, alpha)
             if self.interval > 1:  # the zero pattern to hold until the next selection
                 self.masks.update({n: w.detach() != 0 for n, w in named})
 
