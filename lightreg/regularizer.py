@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,10 +62,11 @@ class Regularizer(Callback):
     ``None``: skipped, as torch skips it), with the group's ``lr`` then.
 
     With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``,
-    ``GroupLasso``) alpha is not the penalty's: after every step of a ramp it is set to the level at which
-    the prox zeroes exactly the ramped fraction of the selection (``lightreg.target``); then the zero
-    pattern is frozen and the penalty is off for a final debias phase. Also logged: ``reg/<name>/sparsity``
-    and ``reg/<name>/target``.
+    ``GroupLasso``) alpha is not the penalty's: on the selection steps of a ramp (every ``target_every``
+    steps, and the step before the freeze) it is set to the level at which the prox zeroes exactly the
+    ramped fraction of the selection; in between, that zero pattern is held (``lightreg.target``); then the
+    zero pattern is frozen and the penalty is off for a final debias phase. A step with lr 0 zeroes and
+    selects nothing. Also logged: ``reg/<name>/sparsity`` and ``reg/<name>/target``.
 
     Where: ``proximal`` in the step post-hook; ``gradient`` and ``decoupled`` in ``on_before_optimizer_step``
     under automatic optimization (backward runs inside ``optimizer.step``; ``decoupled`` with a grad
@@ -92,7 +94,8 @@ class Regularizer(Callback):
             default ``(0, 2/3)`` of ``trainer.estimated_stepping_batches``.
         target_debias: the final phase with the zeros frozen and the penalty off, as steps or a fraction of
             the fit; default: from the end of the ramp on; ``0``: none (the level keeps tracking the target).
-        target_every: select the level every n steps (1: every step, exact; larger: cheaper on big models).
+        target_every: select the level exactly every n steps of the ramp (and always at the step before the
+            freeze), holding its zero pattern in between; default ``clamp(ramp steps // 32, 1, 32)``; 1: every step.
 
     Example:
         >>> from lightreg import L1
@@ -112,7 +115,7 @@ class Regularizer(Callback):
         target_sparsity: float | None = None,
         target_ramp: Sequence[Point] | None = None,
         target_debias: Point | None = None,
-        target_every: int = 1,
+        target_every: int | None = None,
     ) -> None:
         check_regularizer(penalty, mode, MODES, schedule, name, preconditioned)
         self._target = None if target_sparsity is None else TargetSparsity(target_sparsity, target_ramp, target_debias, target_every)
@@ -201,6 +204,12 @@ class Regularizer(Callback):
         if stepped and is_log_step(trainer):
             log_scalars(trainer, self.metrics())
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With a target: warn, with the sparsity reached, when the fit ended before its window did."""
+        short = self._target and self._target.ended_short(self._target.step_index(trainer.global_step))
+        if short:  # on every rank: the sparsity is a collective
+            rank_zero_warn(f"Regularizer {self.name!r}: " + short.format(sparsity=float(self.metrics()[f"reg/{self.name}/sparsity"])))
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.remove(forget=False)  # penalised() still answers after the fit
         self._trainer = None
@@ -238,12 +247,15 @@ class Regularizer(Callback):
         """``w <- prox_{t R}(w)`` with ``t`` the step the optimizer took (``prox_steps``), for the stepped parameters;
         with a target, the level that zeroes the ramped fraction (or, frozen, the mask) instead of ``alpha``."""
         stepped = self._binding.stepped(optimizer)
-        work: list[Work] = [(names, self._operands(ps), self.prox_steps(unwrap(optimizer), g, ps)) for g, names, ps in stepped]
+        work: list[Work] = [(names, self._operands(ps), self.prox_steps(unwrap(optimizer), g, ps), _lr(g))
+                            for g, names, ps in stepped]
         if self._target is not None:
             reduction = shard_reduction([p for _, _, ps in stepped for p in ps])
-            alpha = self.alpha = self._target.alpha_after_step(self._last_step, self.penalty, work, reduction)
-        if alpha != 0.0:  # the prox at alpha 0 is the identity
-            for _, operands, steps in work:
+            self._target.prox_after_step(self._last_step, self.penalty, work, reduction,
+                                         apply=functools.partial(apply_prox, self.penalty))
+            self.alpha = self._target.alpha
+        elif alpha != 0.0:  # the prox at alpha 0 is the identity
+            for _, operands, steps, _ in work:
                 apply_prox(self.penalty, operands, steps, alpha)  # a fused kernel where one applies
 
     def prox_steps(
@@ -305,14 +317,16 @@ class Regularizer(Callback):
     def _freeze_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self._trainer is not None and self._target is not None
         groups = lambda: self._binding.groups(unwrap(optimizer))  # noqa: E731
-        self._target.before_step(self._trainer.global_step, lambda: [
+        self._target.before_step(self._target.step_index(self._trainer.global_step), lambda: [
             (n, w) for g in groups() for n, w in zip(g.names, self._operands(g.params), strict=True)])
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Every mode counts here the steps that really ran; proximal also acts here.
         assert self._trainer is not None, "optimizer hook fired outside a fit"
-        self._last_step = self._trainer.global_step
-        self.alpha = self.current_alpha(self._trainer.global_step)
+        step = self._last_step = self._trainer.global_step
+        if self._target is not None:  # the ramp also counts steps that do not advance global_step (raw optimizers)
+            self._last_step = self._target.count_step(step)
+        self.alpha = self.current_alpha(step)
         if self.mode == "proximal":
             self.apply_proximal(optimizer, self.alpha)
         self.steps_applied += bool(self._binding.groups(optimizer))

@@ -39,6 +39,8 @@ ADAPTIVE = {
     "target-l1-sgd": ("l1-proximal", "sgd", {"target_sparsity": 0.6}),
     "target-gl1": ("gl1-proximal", "adam", {"target_sparsity": 0.5}),
     "target-gl0": ("gl0-proximal", "adam", {"target_sparsity": 0.5}),
+    # selections at steps 0 and 2 (the step before the freeze), the zeros of step 0 held at step 1
+    "target-l1-held": ("l1-proximal", "adam", {"target_sparsity": 0.6, "target_every": 2}),
 }
 
 

@@ -30,7 +30,8 @@ def test_window_fraction_ramps_from_start_to_end_then_holds():
     ({"ramp": (0.0, 0.5), "debias": 0.25}, 300, (0, 150, 225)),
     ({"ramp": (5, 50), "debias": 0}, 300, (5, 50, None)),
     ({"ramp": (5, 50), "debias": 0}, math.inf, (5, 50, None)),
-    ({"ramp": (5, 50)}, math.inf, (5, 50, None)),
+    ({"ramp": (5, 50)}, math.inf, (5, 50, 50)),  # unknown length: the default debias still freezes at the ramp's end
+    ({"ramp": (5, 50)}, -1, (5, 50, 50)),  # Lightning's estimate for a data stream without len
 ])
 def test_window_resolution(kwargs, total, expected):
     assert resolve_window(total, **kwargs) == SparsityWindow(*expected)

@@ -64,7 +64,7 @@ def _target_errors(target: str, penalty: Mapping[str, Any], kwargs: Mapping[str,
     if not 0.0 < value < 1.0:
         return [("target_sparsity", f"target_sparsity must be in (0, 1), got {value!r}")]
     found = []
-    every = kwargs.get("target_every", 1)
+    every = kwargs.get("target_every")
     if isinstance(every, int) and not isinstance(every, bool) and every < 1:
         found.append(("target_every", f"target_every must be >= 1, got {every!r}"))
     mode, name = kwargs.get("mode", "proximal"), target.rsplit(".", 1)[-1]
