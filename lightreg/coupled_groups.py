@@ -51,6 +51,9 @@ class Family:
     units: int
     slices: list[Slice]
     root: Tensor | None = None  # the weight of the layer whose output channels the group is rooted at
+    root_module: Any = None  # that layer, and Torch-Pruning's handler of the root, for the surgery
+    root_handler: Any = None
+    head: int = 0  # units are attention heads of this many root channels (0: one channel each)
     sizes: Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def __post_init__(self) -> None:
@@ -233,7 +236,8 @@ def _family(tp: Any, group: Any, root: str, names: dict[int, str], heads: dict[i
         unit = torch.tensor([units_of(mapping[i]) for i in sorted(mapping)], dtype=torch.long, device=param.device)
         slices.append(Slice(names[id(param)], param, dim, index, unit))
     units = int(max(int(s.unit.max()) for s in slices)) + 1
-    return Family(root, units, slices, getattr(group[0].dep.target.module, "weight", None))
+    root_module = group[0].dep.target.module
+    return Family(root, units, slices, getattr(root_module, "weight", None), root_module, group[0].dep.handler, head)
 
 
 def _plain(idxs: Any) -> list[int]:
