@@ -77,7 +77,7 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
 
 
-def forward_time(module: nn.Module, inputs: Any, repeats: int = 20) -> float:
+def forward_time(module: nn.Module, inputs: Any, repeats: int = 10) -> float:
     """Median seconds of one forward pass (no autograd), after two warm-up passes."""
     times = []
     with torch.no_grad():

@@ -36,7 +36,7 @@ def shrink_traced(module: nn.Module, example_inputs: Any = None, rtol: float = 1
         example_inputs: a tensor, tuple or dict; default: ``module.example_input_array``.
         rtol: the largest output change allowed, relative to the output's largest magnitude; over it,
             ``RuntimeError`` (the graph missed something).
-        time_it: measure the forward time before and after (median of 20 passes).
+        time_it: measure the forward time before and after (median of 10 passes).
 
     Returns:
         The new module, with a :class:`TracedShrinkReport` as its ``shrink_report`` attribute.
