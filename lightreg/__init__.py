@@ -22,7 +22,7 @@ _SOURCES = {
     "L2": "lightreg.elementwise",
     "CosineSchedule": "lightreg.schedules",
     "CoupledGroupLasso": "lightreg.coupled_lasso",
-    "coupled_groups": "lightreg.coupled_groups",
+    "coupled_groups": "lightreg.dependency_groups",
     "load_shrunk": "lightreg.shrink_save",
     "save_shrunk": "lightreg.shrink_save",
     "TracedShrinkReport": "lightreg.shrink_traced_report",
@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below imports on demand
-    from lightreg.coupled_groups import coupled_groups
+    from lightreg.dependency_groups import coupled_groups
     from lightreg.coupled_lasso import CoupledGroupLasso
     from lightreg.elementwise import L1, L2, ElasticNet
     from lightreg.freeze_zeros import FreezeZeros

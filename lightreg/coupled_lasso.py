@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightreg.coupled_groups import CoupledGroups, Family, coupled_groups
+from lightreg.dependency_groups import CoupledGroups, Family, coupled_groups
 from lightreg.group_lasso import NEWTON_STEPS
 from lightreg.penalty import Penalty, Step
 
@@ -21,7 +21,7 @@ class CoupledGroupLasso(Penalty):
 
     A group ``g`` is one channel (or attention head) with all its slices: the filter, its bias, its norm
     layer's scale and shift, the next layers' input slices, everything a residual add ties to it
-    (``lightreg.coupled_groups``, traced by Torch-Pruning's dependency graph). ``|g|`` counts the entries of
+    (``lightreg.dependency_groups``, traced by Torch-Pruning's dependency graph). ``|g|`` counts the entries of
     all of them and ``||w_g||`` is the norm over all of them.
 
     Proximal step, per group, in the metric ``diag(1/t)`` of the step ``t`` the optimizer took (``t`` uniform:

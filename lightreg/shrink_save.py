@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightreg.coupled_groups import as_inputs
+from lightreg.dependency_groups import as_inputs
 
 REPORT_FILE = "shrink_report.json"
 

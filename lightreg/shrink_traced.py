@@ -1,6 +1,6 @@
 """``shrink(module, example_inputs=...)``: cut dead coupled channel groups out of any traced model.
 
-The model is traced by Torch-Pruning's dependency graph into coupled groups (``lightreg.coupled_groups``).
+The model is traced by Torch-Pruning's dependency graph into coupled groups (``lightreg.dependency_groups``).
 A unit (channel or attention head) goes when
 
 * every slice of its group is exactly zero (what ``CoupledGroupLasso`` produces): nothing writes it and
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightreg.coupled_groups import Family, as_inputs, coupled_groups, import_tp, trace_graph
+from lightreg.dependency_groups import Family, as_inputs, coupled_groups, import_tp, trace_graph
 from lightreg.shrink_cost import call, forward_time, layer_costs, tensors_of
 from lightreg.shrink_traced_report import TracedShrinkReport, TracedShrinkRow
 
