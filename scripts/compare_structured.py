@@ -18,7 +18,7 @@ in increasing order of the method's own score (the coupled group norm for lightr
 norm that ``ln_structured`` ranks by for ModelPruning) are zeroed until the parameters left are at most
 ``1 - target`` of the dense model, and ``lightreg.shrink`` removes them physically (Torch-Pruning's surgery). The
 table gives the test accuracy before the cut, right after it, and after ``--finetune`` epochs of plain SGD on the
-shrunk model; the largest change of the logits at the cut over the test set; and the shrunk model's forward time
+shrunk model; the largest change of the logits at the cut over the test set, relative to the largest logit; and the shrunk model's forward time
 (batch 256, median of 50 passes; every run uses one torch thread).
 
     python scripts/compare_structured.py               # 2 models x 2 targets x 2 seeds: about 10 minutes on 2 cores
@@ -46,7 +46,7 @@ from lightreg.shrink_cost import forward_time
 METHODS = ("dense", "lightreg", "tp-groupnorm", "modelpruning")
 LR, MOMENTUM, BATCH = 0.01, 0.9, 64
 TP_REG = 5e-4  # Torch-Pruning's sparse-training strength in its benchmark scripts (--reg 5e-4)
-ALPHAS = {("cnn", 0.5): 2e-3, ("cnn", 0.75): 4e-3, ("resnet", 0.5): 2e-3, ("resnet", 0.75): 4e-3}
+ALPHAS = {("cnn", 0.5): 1.7e-3, ("cnn", 0.75): 2.3e-3, ("resnet", 0.5): 4e-3, ("resnet", 0.75): 7e-3}  # calibrated: exact zeros ~ target
 
 
 class Block(nn.Module):
@@ -185,8 +185,9 @@ def run(method, name, target, data, epochs, finetune, seed):
     row = {"method": method, "model": name, "target": target, "seed": seed, "acc_trained": accuracy(model, xte, yte)}
     if method != "dense":
         small = cut(method, model, target, xtr[:8])
-        with torch.no_grad():
-            row["cut_change"] = float((small(xte) - model(xte)).abs().max())
+        with torch.no_grad():  # relative to the largest logit: unnormalised CNN logits reach 1e4 and more
+            reference = model(xte)
+            row["cut_change"] = float((small(xte) - reference).abs().max() / reference.abs().max())
         row["acc_cut"] = accuracy(small, xte, yte)
         fit(small, xtr, ytr, finetune, seed + 1000)
         row["acc_finetuned"] = accuracy(small.eval(), xte, yte)

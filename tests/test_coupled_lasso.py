@@ -201,3 +201,28 @@ def test_without_example_inputs_is_refused():
     net = mlp()
     with pytest.raises(ValueError, match="example_inputs is None and Sequential has no example_input_array"):
         CoupledGroupLasso(0.1).bind(net, [("0.weight", net[0].weight)])
+
+
+def test_gradient_mode_is_the_penalty_in_the_loss():
+    """Oracle: the same full-batch SGD with family_value (autograd) added to the loss."""
+    x, y = data()
+    model, alpha = ConvNet(), 0.05
+    trainer = pl.Trainer(max_epochs=3, callbacks=[Regularizer(CoupledGroupLasso(alpha), mode="gradient")], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader(x, y))
+    hand = ConvNet()
+    penalty = CoupledGroupLasso(alpha)
+    penalty.bind(hand, [(n, p) for n, p in hand.named_parameters() if p.ndim >= 2], example_inputs=hand.example_input_array)
+    opt = torch.optim.SGD(hand.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(hand(x), y) + sum(family_value(f, alpha) for f in penalty.groups.families)
+        loss.backward()
+        opt.step()
+    for a, b in zip(model.parameters(), hand.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_target_sparsity_is_refused_before_training():
+    with pytest.raises(ValueError, match="target_sparsity=0.5 needs"):
+        Regularizer(CoupledGroupLasso(0.1), target_sparsity=0.5)
