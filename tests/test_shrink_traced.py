@@ -125,7 +125,9 @@ def test_constant_channels_fold_where_exact():
         net[0].bias[1], net[0].bias[2] = 0.5, -0.5  # relu: 0.5 stays before the padded conv, 0 goes
         net[2].weight[0] = 0.0  # a constant channel into the Linear: folded
     x = torch.randn(6, 1, 4, 4)
+    original = {k: v.clone() for k, v in net.state_dict().items()}
     small = shrink(net, x)
+    assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())  # the original is untouched
     rows = {r.name: r for r in small.shrink_report.rows}
     assert small[0].out_channels == 3 and small[2].out_channels == 3 and rows["0"].kept == 1
     assert (rows["0"].removed, rows["2"].removed) == (1, 1)
