@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightreg import CoupledGroupLasso, GroupLasso, Regularizer
+from lightreg import CoupledGroupLasso, GroupLasso, Regularizer, load_shrunk, save_shrunk, shrink
 from lightreg.coupled_lasso import family_value
 from tests.models import loader
 
@@ -186,6 +186,13 @@ def test_regularizer_fit_matches_a_hand_loop(tmp_path):
     metrics = reg.metrics()
     alive = [metrics[f"reg/coupled_group_lasso/groups_alive/net.{k}"] for k in (0, 3)]
     assert metrics["reg/coupled_group_lasso/groups_alive"] == sum(alive) and 0 < sum(alive) < 12
+    # What the app does after such a fit: shrink the LightningModule (traced from its example_input_array), save it.
+    small = shrink(model)
+    assert small.net[0].out_channels == max(int(alive[0]), 1) and small.net[3].out_channels == max(int(alive[1]), 1)
+    save_shrunk(small, tmp_path / "small.pt2")
+    loaded, report = load_shrunk(tmp_path / "small.pt2")
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-9, atol=1e-10)
+    assert report["params_after"] == sum(p.numel() for p in small.parameters())
 
 
 def test_group_split_over_two_optimizers_is_refused():
