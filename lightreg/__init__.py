@@ -21,6 +21,13 @@ _SOURCES = {
     "L1": "lightreg.elementwise",
     "L2": "lightreg.elementwise",
     "CosineSchedule": "lightreg.schedules",
+    "CoupledGroupLasso": "lightreg.coupled_lasso",
+    "coupled_groups": "lightreg.dependency_groups",
+    "load_shrunk": "lightreg.shrink_save",
+    "save_shrunk": "lightreg.shrink_save",
+    "TracedShrinkReport": "lightreg.shrink_traced_report",
+    "TracedShrinkRow": "lightreg.shrink_traced_report",
+    "print_traced_report": "lightreg.shrink_traced_report",
     "ElasticNet": "lightreg.elementwise",
     "FreezeZeros": "lightreg.freeze_zeros",
     "GroupLasso": "lightreg.group_lasso",
@@ -45,6 +52,7 @@ __all__ = [
     "L1",
     "L2",
     "CosineSchedule",
+    "CoupledGroupLasso",
     "ElasticNet",
     "FreezeZeros",
     "GroupLasso",
@@ -54,10 +62,16 @@ __all__ = [
     "ShrinkReport",
     "ShrinkRow",
     "StepWindow",
+    "TracedShrinkReport",
+    "TracedShrinkRow",
     "WeightMonitor",
+    "coupled_groups",
+    "load_shrunk",
     "print_report",
     "print_shrink_report",
+    "print_traced_report",
     "register_step_rule",
+    "save_shrunk",
     "select_parameters",
     "shrink",
     "shrink_report",
@@ -65,6 +79,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below imports on demand
+    from lightreg.dependency_groups import coupled_groups
+    from lightreg.coupled_lasso import CoupledGroupLasso
     from lightreg.elementwise import L1, L2, ElasticNet
     from lightreg.freeze_zeros import FreezeZeros
     from lightreg.group_lasso import GroupLasso
@@ -77,7 +93,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow
     from lightreg.selection import select_parameters
     from lightreg.shrink import shrink
+    from lightreg.shrink_save import load_shrunk, save_shrunk
     from lightreg.shrink_table import ShrinkReport, ShrinkRow, print_shrink_report, shrink_report
+    from lightreg.shrink_traced_report import TracedShrinkReport, TracedShrinkRow, print_traced_report
 
 
 def __getattr__(name: str) -> Any:

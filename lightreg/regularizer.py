@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightreg._checks import ParameterChecks, check_distinct_names, check_patterns, check_regularizer
 from lightreg.binding import Binding, is_uninitialized, unwrap
+from lightreg.coupled_lasso import coupled_metrics, coupled_selection, joint_prox_
 from lightreg.distributed import is_dtensor, local_tensor, shard_reduction, sum_values
 from lightreg.group_lasso import with_biases
 from lightreg.loggers import is_log_step, log_scalars
@@ -151,7 +152,8 @@ class Regularizer(Callback):
         return select_parameters(pl_module, self.include, self.exclude)
 
     def _selection(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
-        return with_biases(self.penalty, pl_module, self.select(pl_module))  # GroupLasso(with_bias=True)
+        selected = with_biases(self.penalty, pl_module, self.select(pl_module))  # GroupLasso(with_bias=True)
+        return coupled_selection(self.penalty, pl_module, selected)  # CoupledGroupLasso: every tensor of its groups
 
     def current_alpha(self, step: int) -> float:
         """``alpha * schedule(step)``: the strength used at optimizer step ``step`` (0-based)."""
@@ -254,7 +256,7 @@ class Regularizer(Callback):
             self._target.prox_after_step(self._last_step, self.penalty, work, reduction,
                                          apply=functools.partial(apply_prox, self.penalty))
             self.alpha = self._target.alpha
-        elif alpha != 0.0:  # the prox at alpha 0 is the identity
+        elif alpha != 0.0 and not joint_prox_(self.penalty, work, alpha):  # the prox at alpha 0 is the identity
             for _, operands, steps, _ in work:
                 apply_prox(self.penalty, operands, steps, alpha)  # a fused kernel where one applies
 
@@ -281,6 +283,7 @@ class Regularizer(Callback):
         operands, reduction = self._operands(params), shard_reduction(params)  # global sums under FSDP2
         penalty = sum_values([self.penalty.value(w, self.alpha) for w in operands], reduction)
         metrics: dict[str, Tensor | float] = {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
+        metrics.update(coupled_metrics(self.penalty, self.name))  # CoupledGroupLasso: reg/<name>/groups_alive
         if self._target is not None:
             metrics.update(self._target.metrics(self.name, self.penalty, operands, reduction, self._last_step))
         return metrics

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,16 +60,21 @@ class _Layer:
         return self.weight.view(self.weight.shape[0], units, -1)
 
 
-def shrink(module: nn.Module, *, drop_inputs: bool = False) -> nn.Module:
+def shrink(module: nn.Module, example_inputs: Any = None, *, drop_inputs: bool = False) -> nn.Module:
     """A smaller deep copy of ``module`` without its dead units, computing the same outputs (in eval mode).
 
-    ``module`` is an ``nn.Sequential`` of ``Linear``/``Conv2d`` layers with elementwise activations,
+    With ``example_inputs`` (or for a module with an ``example_input_array``, e.g. a LightningModule), any
+    model Torch-Pruning's dependency graph traces: dead coupled channel groups are cut
+    (``lightreg.shrink_traced``; needs ``lightreg[prune]``), and the report is a ``TracedShrinkReport``.
+
+    Otherwise ``module`` is an ``nn.Sequential`` of ``Linear``/``Conv2d`` layers with elementwise activations,
     dropout, eval-mode ``BatchNorm1d/2d``, pooling and ``Flatten`` between them (``lightreg.shrink_chain``);
     for the app's models pass ``model.net``. The original is left untouched. The output layer keeps its
     width; modules before the first and after the last weight layer are copied as they are.
 
     Args:
         module: the network.
+        example_inputs: an input to trace ``module`` with (a tensor, tuple, or dict of keyword arguments).
         drop_inputs: also cut the inputs the first layer never reads (all-zero columns / input channels).
             The result then takes ``x[:, report.kept_inputs]`` instead of ``x``.
 
@@ -89,6 +95,12 @@ def shrink(module: nn.Module, *, drop_inputs: bool = False) -> nn.Module:
     """
     if not isinstance(drop_inputs, bool):
         raise TypeError(f"drop_inputs must be a bool, got {drop_inputs!r}")
+    if example_inputs is not None or (getattr(module, "example_input_array", None) is not None and not drop_inputs):
+        if drop_inputs:
+            raise ValueError("drop_inputs=True applies to an nn.Sequential shrunk without example_inputs")
+        from lightreg.shrink_traced import shrink_traced
+
+        return shrink_traced(module, example_inputs)
     plan = make_plan(module)  # fail on the original, before any copy
     if drop_inputs:
         InputCut.of(plan)

@@ -55,7 +55,9 @@ class Plan:
 def leaves(module: nn.Module, prefix: str = "") -> list[Named]:
     """``(path, module)`` of every module a forward pass runs, in order, walking into nested Sequentials."""
     out: list[Named] = []
-    for key, child in module.named_children():
+    for key, child in module._modules.items():  # named_children() yields a module held twice only once
+        if child is None:
+            continue
         path = f"{prefix}{key}"
         if _is_plain_sequential(child):
             out += leaves(child, path + ".")
@@ -76,6 +78,7 @@ def make_plan(module: nn.Module) -> Plan:
             "for a LightningModule pass its network (the app's models: model.net)"
         )
     named = leaves(module)
+    _refuse_reuse(named)
     where = [i for i, (_, m) in enumerate(named) if isinstance(m, WEIGHTED)]
     if not where:
         raise ValueError(f"shrink found no Linear or Conv2d in the module; its leaves are {[p for p, _ in named]}")
@@ -84,6 +87,15 @@ def make_plan(module: nn.Module) -> Plan:
         _check_layer(name, layer)
     links = [_link(layers, k, named[where[k] + 1:where[k + 1]]) for k in range(len(layers) - 1)]
     return Plan(layers, links, named[:where[0]])
+
+
+def _refuse_reuse(named: list[Named]) -> None:
+    first: dict[int, str] = {}
+    for path, m in named:
+        if any(True for _ in m.parameters()) and id(m) in first:
+            raise ValueError(f"{path!r} is the same module as {first[id(m)]!r}: its weights serve two places, which "
+                             "cannot be cut apart; give each place its own module")
+        first.setdefault(id(m), path)
 
 
 def _check_layer(name: str, layer: nn.Module) -> None:

@@ -77,9 +77,12 @@ class ShrinkReport:
 
 
 def shrink_report(module: nn.Module) -> ShrinkReport:
-    """The ``ShrinkReport`` that ``lightreg.shrink`` attached to the module it returned."""
+    """The report that ``lightreg.shrink`` attached to the module it returned (a ``TracedShrinkReport`` when
+    it was shrunk with ``example_inputs``)."""
+    from lightreg.shrink_traced_report import TracedShrinkReport
+
     report = getattr(module, "shrink_report", None)
-    if not isinstance(report, ShrinkReport):
+    if not isinstance(report, (ShrinkReport, TracedShrinkReport)):
         raise TypeError(f"module ({type(module).__name__}) was not made by lightreg.shrink: it has no shrink report")
     return report
 

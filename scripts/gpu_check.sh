@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check: the tests that need CUDA (16-mixed with the CUDA grad scaler, bf16-mixed, FSDP2 on one GPU,
-# FSDP1 refused, the fused foreach fast path) and the benchmark's table on a CUDA transformer: the default
-# Regularizer per optimizer (Adam, SGD with momentum) with the fused prox kernels compiled for CUDA, next to the
-# hand-written penalty and the floor. Under 10 minutes on one GPU. Usage: scripts/gpu_check.sh [output dir]   (default: gpu_check_out)
+# FSDP1 refused, the fused foreach fast path, torchvision's resnet18 trained with the coupled group lasso and
+# shrunk: tests/gpu/test_resnet18_shrink.py, which needs torchvision and torch-pruning) and the benchmark's table on a
+# CUDA transformer: the default Regularizer per optimizer (Adam, SGD with momentum) with the fused prox kernels
+# compiled for CUDA, next to the hand-written penalty and the floor.
+# Under 10 minutes on one GPU. Usage: scripts/gpu_check.sh [output dir]   (default: gpu_check_out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -16,6 +18,8 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 "$PY" -c 'import torch, lightning; print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; lightning {lightning.__version__}")' | tee "$OUT/summary.txt"
+# torchvision (for resnet18) matches only a CUDA torch build; without it that one test is skipped, and says so.
+"$PY" -c 'import torchvision, torch_pruning' 2>/dev/null || echo "note: torchvision or torch-pruning missing: the resnet18 shrink check will be skipped (pip install torchvision 'lightreg[prune]')" | tee -a "$OUT/summary.txt"
 
 start=$SECONDS
 timeout 210 "$PY" -m pytest tests -m gpu -q -rfEs -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
