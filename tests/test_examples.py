@@ -20,6 +20,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lightreg import load_shrunk
+
 from tests._app import COMMAND, NO_LOGGING, ROOT, app_env, run_main
 from tests._commands import commands, shorten_sweep
 from tests._readers import wandb_run
@@ -171,9 +173,9 @@ def test_shrink_cuts_the_users_head_and_skips_a_model_without_the_submodule(proj
             "penalty.alpha=0.05", "penalty.include=[head.0.weight]", "shrink=true", *TINY]
     assert _main([*base, f"hydra.run.dir={tmp_path}/head"], project) == 0
     metrics = json.loads((tmp_path / "head" / "metrics.json").read_text())
-    saved = torch.load(tmp_path / "head" / "shrunk.pt", weights_only=False)
-    assert saved["path"] == "head" and metrics["shrink/params_after"] < metrics["shrink/params_before"]
-    assert metrics["shrink/params_after"] == sum(p.numel() for p in saved["module"].parameters())
+    small, report = load_shrunk(tmp_path / "head" / "shrunk.pt2")  # torch.export: no pickled code
+    assert report["rows"][0]["name"].startswith("head.") and metrics["shrink/params_after"] < metrics["shrink/params_before"]
+    assert metrics["shrink/params_after"] == sum(p.numel() for p in small.parameters())
     assert metrics["shrink/max_abs_diff"] < 1e-5  # the same outputs, on the inputs the head saw during the test
     # A submodule shrink cannot cut (no nn.Sequential), and one the model does not have: skipped, saying why.
     sys.path.insert(0, str(project))
@@ -191,7 +193,7 @@ def test_shrink_cuts_the_users_head_and_skips_a_model_without_the_submodule(proj
     said = capfd.readouterr().out + caplog.text  # the app's lines go to logging where a handler listens
     assert "shrink skipped: encoder (TransformerEncoder): shrink needs an nn.Sequential" in said
     assert "shrink skipped: the model has no submodule 'body' (set shrink_module to one of ['embed', 'position'," in said
-    assert not (tmp_path / "shrunk.pt").exists()
+    assert not (tmp_path / "shrunk.pt2").exists()
 
 
 @pytest.mark.slow

@@ -49,6 +49,8 @@ class TaskModel(pl.LightningModule):
         self.weight_decay, self.momentum = weight_decay, momentum
         self.in_features, self.num_outputs = in_features, num_outputs
         self.input_shape = tuple(input_shape) if input_shape is not None else (in_features,)
+        # What CoupledGroupLasso and shrink trace the model on (Lightning's own name for a model's example input).
+        self.example_input_array = torch.zeros(2, in_features)
         # ModuleDict keys cannot be "train" (a Module method), hence the suffix.
         self.metrics = nn.ModuleDict({f"{stage}_": self._stage_metrics() for stage in ("train", "val", "test")})
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 MODES = ("gradient", "decoupled", "proximal")  # lightreg.regularizer.MODES (tested)
-PENALTIES = ("lightreg.L1", "lightreg.L2", "lightreg.ElasticNet", "lightreg.GroupLasso", "lightreg.L0")
+PENALTIES = ("lightreg.L1", "lightreg.L2", "lightreg.ElasticNet", "lightreg.GroupLasso", "lightreg.L0", "lightreg.CoupledGroupLasso")
 #: Penalties whose prox makes exact zeros (a target can drive them), and those with a prox only.
 MAKES_ZEROS = ("L1", "L0", "GroupLasso", "ElasticNet")
 PROXIMAL_ONLY = ("L0",)

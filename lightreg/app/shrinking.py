@@ -4,10 +4,15 @@
 ``encoder.ffn`` for a user's model). A model without that submodule, or one :func:`lightreg.shrink` cannot cut, is
 skipped with one line saying why, and the run goes on. The run directory gets
 
-* ``shrunk.pt``: ``torch.save`` of a dict with ``module`` (the shrunk submodule, made of plain torch
-  modules: ``torch.load(path, weights_only=False)["module"]`` needs nothing but torch), ``report`` (as in
-  ``shrink_report.json``), ``path`` (the submodule's name), ``input_shape`` and ``task`` (the app's models);
-* ``shrink_report.json``: ``lightreg.ShrinkReport.to_dict()``, per layer and in total;
+* ``shrunk.pt2``: the shrunk submodule as a ``torch.export`` program, traced on an input it saw during the test
+  (any batch size), with the report inside: ``lightreg.load_shrunk(path)`` returns ``(module, report)`` and
+  unpickles no code (``torch.load(..., weights_only=False)`` is never needed);
+* ``shrink_report.json``: the report's ``to_dict()``, per layer and in total.
+
+An ``nn.Sequential`` is cut by :func:`lightreg.shrink` on its own; any other submodule (or the whole model, with
+``shrink_module=''``) is traced by Torch-Pruning's dependency graph on the first input it saw during the test, or
+on its ``example_input_array``, and its exactly-zero coupled groups are cut (``penalty=coupled_group_lasso``
+makes them).
 
 and ``metrics.json`` gets ``shrink/params_before``, ``shrink/params_after`` and ``shrink/max_abs_diff``, the largest
 difference between the two submodules' outputs on the inputs the submodule saw during the test (captured by a
@@ -26,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lightreg import print_shrink_report, shrink, shrink_report
+from lightreg import print_shrink_report, print_traced_report, save_shrunk, shrink
 from lightreg.app.config import ConfigError, RunContext
 
 #: Strategies whose parameters are shards: the network is not whole on one rank after the fit.
@@ -66,9 +71,20 @@ def find_submodule(model: nn.Module, path: str) -> nn.Module | str:
         return f"shrink skipped: the model has no submodule {path!r} (set shrink_module to one of {names})"
 
 
-def shrink_submodule(module: nn.Module) -> nn.Module:
-    """The app's one call into :func:`lightreg.shrink` (raises ``TypeError``/``ValueError`` for a module it cannot cut)."""
-    return shrink(module)
+def shrink_submodule(module: nn.Module, example_inputs: Any = None) -> nn.Module:
+    """The app's one call into :func:`lightreg.shrink`: an ``nn.Sequential`` by its chain of layers, any other module
+    traced on ``example_inputs`` (raises ``TypeError``/``ValueError`` for a module it cannot cut)."""
+    if isinstance(module, nn.Sequential) or example_inputs is None:
+        return shrink(module)
+    return shrink(module, example_inputs=example_inputs)
+
+
+def example_of(module: nn.Module, capture: InputCapture | None) -> Any:
+    """An input of ``module``: the first it saw during the test, else its ``example_input_array`` (or ``None``)."""
+    if capture is not None and capture.inputs:
+        args = tuple(a.clone() for a in capture.inputs[0])  # a copy made outside the test's inference mode
+        return args[0] if len(args) == 1 else args
+    return getattr(module, "example_input_array", None)
 
 
 @torch.no_grad()
@@ -113,13 +129,16 @@ def shrink_run(model: pl.LightningModule, data: Any, ctx: RunContext, path: str 
     if isinstance(module, str):
         say(module)
         return {}
+    example = example_of(module, capture)
     try:
-        small = shrink_submodule(module)
-    except (TypeError, ValueError) as err:
+        small = shrink_submodule(module, example)
+    except (TypeError, ValueError, RuntimeError, ImportError) as err:
         say(f"shrink skipped: {path} ({type(module).__name__}): {err}")
         return {}
-    rows = tuple(replace(row, name=f"{path}.{row.name}") for row in shrink_report(small).rows)  # the parameter names
-    result = replace(shrink_report(small), rows=rows)
+    result = small.shrink_report
+    if isinstance(module, nn.Sequential):  # name the rows as the parameters: net.0, net.3, ...
+        result = replace(result, rows=tuple(replace(row, name=f"{path}.{row.name}") for row in result.rows))
+        small.shrink_report = result
     metrics: dict[str, float] = {}
     if hasattr(model, "_stage_metrics") and path == "net":  # the app's models: the shrunk net's own test metrics
         loader = data.test_dataloader()
@@ -129,11 +148,14 @@ def shrink_run(model: pl.LightningModule, data: Any, ctx: RunContext, path: str 
         metrics["shrink/max_abs_diff"] = float((shrunk - original).abs().max()) if original.numel() else 0.0
     elif capture is not None:
         metrics["shrink/max_abs_diff"] = max_abs_diff(module, small, capture.inputs)
-    del small.shrink_report  # the saved module is plain torch: loading it needs nothing else
-    torch.save({"module": small, "report": result.to_dict(), "path": path, "input_shape": getattr(model, "input_shape", None),
-                "task": getattr(model, "task", None)}, ctx.output_dir / "shrunk.pt")
+    if example is not None:
+        save_shrunk(small, ctx.output_dir / "shrunk.pt2", example)
+    else:
+        say("shrunk.pt2 not written: no input of the submodule was seen (set the model's example_input_array)")
     write_json_atomic(ctx.output_dir / "shrink_report.json", result.to_dict())
-    if report:
+    if report and isinstance(module, nn.Sequential):
         print_shrink_report(result, title=f"Shrink ({ctx.name})")
+    elif report:
+        print_traced_report(result, title=f"Shrink ({ctx.name})")
     return {"shrink/params_before": float(result.params_before), "shrink/params_after": float(result.params_after),
             **metrics}
