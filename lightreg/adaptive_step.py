@@ -67,10 +67,9 @@ class AdaptiveStep(NamedTuple):
         if v.device.type == "cpu" and v.numel():
             # The common case, checked for the price of one read (free on the CPU): no unstepped coordinate, whose
             # denominator would be exactly eps. Then t is the optimizer's own step, in place in one temporary.
-            denominator = v.sqrt().div_(self.divisor).add_(self.eps)
-            if denominator.min().item() > self.eps:
-                return denominator.reciprocal_().mul_(self.numerator)
-            del denominator
+            # Compared on v itself: a denominator sqrt(0)/d + eps rounded to float32 can exceed the float eps.
+            if v.min().item() > 0:
+                return v.sqrt().div_(self.divisor).add_(self.eps).reciprocal_().mul_(self.numerator)
         vbar = self.typical()
         t = torch.where(v > 0, v, vbar)
         t.sqrt_().div_(self.divisor).add_(self.eps).reciprocal_().mul_(self.numerator)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lightreg.binding import unwrap
+from lightreg.step_registry import base_optimizer as inner_optimizer
 
 #: ``hook(optimizer, args, kwargs)``, as ``Optimizer.register_step_pre_hook``/``register_step_post_hook`` call it.
 StepHook = Callable[[torch.optim.Optimizer, Any, Any], None]
@@ -49,6 +50,8 @@ class StepHooks:
     def hook(self, optimizer: torch.optim.Optimizer) -> None:
         """Hook ``optimizer`` unless it already is."""
         optimizer = unwrap(optimizer)
+        if not hasattr(optimizer, "_optimizer_step_post_hooks"):  # a wrapper that skipped Optimizer.__init__
+            optimizer = inner_optimizer(optimizer)
         if self._hooked.get(id(optimizer)) is optimizer:
             return
         if self.on_new is not None:

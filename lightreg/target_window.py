@@ -50,20 +50,21 @@ def _point(name: str, value: Point, total: float) -> int:
         return value
     if not math.isfinite(total):
         raise ValueError(f"{name}={value!r} is a fraction of the fit, but the fit has no known length: set "
-                         "Trainer(max_steps=...), or give target_ramp (and target_debias) as step counts (ints)")
+                         "Trainer(max_steps=...), or give target_ramp as step counts (ints) and no target_debias")
     return round(value * total)
 
 
 def check_known_length(target: float, ramp: Sequence[Point] | None, debias: Point | None, total_steps: float) -> None:
     """Raise ``ValueError`` saying what to set when a window given as fractions of the fit (the default ramp is)
     meets a fit of unknown length (``total_steps`` -1 or inf: a data stream without ``len`` and no ``max_steps``)."""
-    points = list(ramp or (0, 2 / 3)) + ([] if debias is None else [debias])
-    if known_length(total_steps) == math.inf and any(isinstance(p, float) for p in points):
+    # A debias phase, in steps or as a fraction, is the end of the fit: it needs the fit's length either way.
+    if known_length(total_steps) == math.inf and (debias is not None or any(isinstance(p, float) for p in ramp or (0, 2 / 3))):
         raise ValueError(
             f"target_sparsity={target!r} places its ramp at fractions of the fit (target_ramp={tuple(ramp or (0, '2/3'))}, "
             f"target_debias={debias!r}), but this fit has no known length (trainer.estimated_stepping_batches = "
             f"{total_steps}: a data stream without len and no max_steps): set Trainer(max_steps=...), or give "
-            "target_ramp=(start, end) and target_debias as step counts (ints)")
+            "target_ramp=(start, end) as step counts (ints) and no target_debias (the zeros are then frozen at the "
+            "ramp's end)")
 
 
 def check_ramp(ramp: object) -> None:

@@ -79,3 +79,10 @@ def test_the_coupled_group_lasso_on_the_cnn_shrinks_with_the_same_outputs(tmp_pa
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert metrics["shrink/test/acc"] == metrics["test/acc"]
     assert metrics["shrink/params_after"] == sum(p.numel() for p in small.parameters()) < metrics["shrink/params_before"]
+
+
+def test_a_shrink_module_the_model_lacks_is_refused_before_training(tmp_path):
+    cfg = compose_cfg("shrink=true", "shrink_module=body", "logger=none", "progress_bar=false")
+    with pytest.raises(ConfigError, match=r"shrink=true: the model has no submodule 'body' \(set shrink_module to one of \['metrics', 'net'\]"):
+        run(cfg, RunContext(output_dir=tmp_path))
+    assert not (tmp_path / "checkpoints").exists()

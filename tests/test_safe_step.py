@@ -236,3 +236,81 @@ def test_asgd_step_is_the_eta_it_took():
         opt.step()
         eta = (before - p.detach()) / (0.05 * before + p.grad)
         torch.testing.assert_close(torch.full_like(eta, step_rule(opt, opt.param_groups[0])(p)), eta, rtol=1e-6, atol=0)  # eta is kept in float32
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+                                  lambda ps: torch.optim.Adam(ps, lr=1e-3, eps=1e-7),
+                                  lambda ps: torch.optim.Adam(ps, lr=1e-3, eps=1e-10)],
+                         ids=["adagrad", "adam_eps_1e-7", "adam_eps_1e-10"])
+def test_the_bound_holds_whatever_eps(make):
+    """Found by trying it: on the CPU the bound was skipped where float32(sqrt(0)/d + eps) rounds above the Python
+    eps (Adagrad's 1e-10, Keras's 1e-7), and every unseen row of an embedding was zeroed in one step."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(500, 8)
+    opt = make(emb.parameters())
+    before = emb.weight.detach().clone()
+    seen = torch.arange(20)
+    emb(seen).pow(2).sum().backward()
+    opt.step()
+    unseen = torch.ones(500, dtype=torch.bool)
+    unseen[seen] = False
+    own = metric_rule(opt, opt.param_groups[0])(emb.weight).unbounded()
+    t = step_rule(opt, opt.param_groups[0])(emb.weight)
+    assert torch.equal(t[~unseen], own[~unseen])  # a stepped coordinate keeps the optimizer's own step
+    # An unseen one takes the step of a coordinate of typical v: one value, within the stepped ones' range.
+    typical = t[unseen].unique()
+    assert typical.numel() == 1 and own[~unseen].min() <= typical.item() <= own[~unseen].max()
+    _prox_after_step(opt, L1(1e-3), [emb.weight])
+    assert (emb.weight.detach()[unseen] == 0).float().mean() < 1e-3
+    assert (emb.weight.detach()[unseen] != before[unseen]).any()  # shrunk by the typical step, not left alone
+
+
+class BareLookahead(torch.optim.Optimizer):
+    """torch_optimizer's pattern: a wrapper that never calls ``Optimizer.__init__`` (no step-hook tables of its own)."""
+
+    def __init__(self, base_optimizer, k=2, alpha=0.5):
+        self.optimizer, self.k, self.alpha, self.count = base_optimizer, k, alpha, 0
+        self.param_groups, self.defaults, self.state = base_optimizer.param_groups, base_optimizer.defaults, base_optimizer.state
+        self.slow = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.count += 1
+        if self.count % self.k == 0:
+            self.interpolate()
+        return loss
+
+    @torch.no_grad()
+    def interpolate(self):
+        for slow, p in zip(self.slow, (p for g in self.param_groups for p in g["params"])):
+            slow.add_(p - slow, alpha=self.alpha)
+            p.copy_(slow)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
+
+
+def test_a_wrapper_without_hook_tables_is_hooked_through_its_inner_optimizer():
+    """Oracle: a hand loop: the inner Adam's step, the prox in its metric, then Lookahead's interpolation."""
+    x, y = regression_data()
+    model = WithOptimizer(lambda ps: BareLookahead(torch.optim.Adam(ps, lr=0.01)))
+    hand = WithOptimizer(lambda ps: BareLookahead(torch.optim.Adam(ps, lr=0.01)))
+    trainer(callbacks=[Regularizer(L1(0.01))], max_epochs=5).fit(model, loader(x, y, len(x)))
+    opt = hand.configure_optimizers()
+    weights = [hand.net[0].weight, hand.net[1].weight]
+    for _ in range(5):
+        opt.zero_grad()
+        hand.training_step((x, y), 0).backward()
+        opt.optimizer.step()
+        _prox_after_step(opt.optimizer, L1(0.01), weights)
+        opt.count += 1
+        if opt.count % opt.k == 0:
+            opt.interpolate()
+    for got, expected in zip(model.parameters(), hand.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

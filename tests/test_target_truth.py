@@ -28,11 +28,13 @@ class Stream(IterableDataset):
         return iter(zip(x, y))
 
 
-def test_a_fit_of_unknown_length_says_what_to_set_before_any_weight_changes():
+@pytest.mark.parametrize("window", [{}, {"target_ramp": (0, 10), "target_debias": 5}], ids=["default", "debias_in_steps"])
+def test_a_fit_of_unknown_length_says_what_to_set_before_any_weight_changes(window):
+    """A debias phase is the end of the fit, in steps too: the advice must not suggest one (found by trying it)."""
     model = TinyNet(h=32, optimizer="adam", lr=0.01, dtype=torch.float32)
     before = [w.detach().clone() for w in selected(model)]
-    with pytest.raises(ValueError, match=r"no known length.*estimated_stepping_batches = -1.*max_steps.*step counts"):
-        trainer(callbacks=[Regularizer(L0(0.0), target_sparsity=0.75)]).fit(model, DataLoader(Stream(), batch_size=4))
+    with pytest.raises(ValueError, match=r"no known length.*estimated_stepping_batches = -1.*max_steps.*step counts \(ints\) and no target_debias"):
+        trainer(callbacks=[Regularizer(L0(0.0), target_sparsity=0.75, **window)]).fit(model, DataLoader(Stream(), batch_size=4))
     assert all(torch.equal(a, b) for a, b in zip(before, selected(model)))
 
 

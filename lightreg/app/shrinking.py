@@ -68,7 +68,7 @@ def find_submodule(model: nn.Module, path: str) -> nn.Module | str:
         return model.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in model.named_children()]
-        return f"shrink skipped: the model has no submodule {path!r} (set shrink_module to one of {names})"
+        return f"shrink skipped: the model has no submodule {path!r} (set shrink_module to one of {names}, or '' for the whole model)"
 
 
 def shrink_submodule(module: nn.Module, example_inputs: Any = None) -> nn.Module:

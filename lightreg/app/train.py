@@ -88,6 +88,8 @@ def prepare(cfg: DictConfig, ctx: RunContext) -> Job:
     except CONFIG_ERRORS as err:
         raise ConfigError(str(err)) from err
     check_shrink(cfg, job.trainer)
+    if cfg.get("shrink") and isinstance(module := find_submodule(job.model, str(cfg.shrink_module)), str):
+        raise ConfigError(module.replace("shrink skipped: ", "shrink=true: "))  # a typo, known before any training
     return job
 
 
