@@ -99,6 +99,7 @@ PREFLIGHT_ERRORS = [
     (["penalty=l0", "penalty.target_sparsity=-0.1"], "penalty.target_sparsity must be in (0, 1), got -0.1"),
     (["penalty=l0", "penalty.target_sparsity=1.5"], "penalty.target_sparsity must be in (0, 1), got 1.5"),
     (["penalty=l1", "penalty.target_sparsity=0.5", "penalty.target_every=0"], "penalty.target_every must be >= 1, got 0"),
+    (["callbacks=[default,nope]"], "callbacks=nope is not an option of callbacks (valid: checkpoint, default, early_stopping, freeze_zeros, monitor, none)"),
     (["+penalty.mode=gradient"], "penalty.mode is already a key of the config: set it without the +"),
     (["penalty=l2", "penalty.target_sparsity=0.5"], "needs mode='proximal' and a penalty whose prox makes zeros"),
     (["penalty=l0", "penalty.mode=gradient"], "L0(alpha=0.0001) has no gradient: it works only with mode='proximal'"),

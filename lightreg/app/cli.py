@@ -96,6 +96,15 @@ def _in_job(cfg: Any) -> float | None:
         raise
 
 
+def _builtin_options(group: str) -> list[str]:
+    """The options the app ships for ``group`` (Hydra's list-valued defaults error names none)."""
+    from pathlib import Path
+
+    from lightreg.app.config import config_dir
+
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
 def one_line(err: BaseException) -> str:
     """Hydra's composition errors as one line that names the option or key and lists the valid ones.
 
@@ -121,6 +130,9 @@ def one_line(err: BaseException) -> str:
             valid = sorted(k for k in parent if k != "hydra")
             node = key.rpartition(".")[0] or "the config"
             return f"{key} is not a key of {node} (valid: {', '.join(map(str, valid))}); +{key}=... adds one"
+    if text.startswith("In '") and "Could not load '" in text:  # an option inside a list: callbacks=[default,nope]
+        group, _, option = text.split("Could not load '")[1].split("'")[0].rpartition("/")
+        return f"{group}={option} is not an option of {group} (valid: {', '.join(_builtin_options(group))})"
     if text.startswith("Could not append to config. An item is already at '"):
         key = text.split("'")[1]
         return f"{key} is already a key of the config: set it without the +, {key}=..."
