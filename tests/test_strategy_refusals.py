@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import (
 )
 
 from lightreg import L1, Regularizer, WeightMonitor
-from lightreg.strategies import check_model, check_strategy
+from lightreg.callbacks.strategies import check_model, check_strategy
 from tests.models import TinyNet, loader, regression_data, trainer
 
 
@@ -111,7 +111,7 @@ def test_freeze_zeros_refuses_deepspeed_before_any_change():
 
 def test_monitor_refuses_flat_shards_and_accepts_what_it_can_read():
     """One rule for both callbacks: the monitor only reads weights, so ZeRO stages 1-2 (whole weights) pass."""
-    from lightreg.strategies import check_fit
+    from lightreg.callbacks.strategies import check_fit
 
     model = TinyNet()
     for strategy, match in [(FSDPStrategy(), r"WeightMonitor does not support FSDPStrategy \(FSDP1\)"),
