@@ -17,9 +17,8 @@ from lightreg.base.checks import check_distinct_names, check_patterns
 from lightreg.callbacks.regularizer_checks import ParameterChecks, check_regularizer
 from lightreg.base.wrapped import is_uninitialized, unwrap
 from lightreg.callbacks.binding import Binding
-from lightreg.penalties.coupled_group_lasso import coupled_metrics, coupled_selection, joint_prox_
+from lightreg.penalties.coupled_group_lasso import joint_prox_
 from lightreg.base.distributed import is_dtensor, local_tensor, shard_reduction, sum_values
-from lightreg.penalties.group_lasso import with_biases
 from lightreg.callbacks.loggers import is_log_step, log_scalars
 from lightreg.penalties.contract import Penalty, Step
 from lightreg.proximal.fused_prox import apply_prox
@@ -154,8 +153,7 @@ class Regularizer(Callback):
         return select_parameters(pl_module, self.include, self.exclude)
 
     def _selection(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
-        selected = with_biases(self.penalty, pl_module, self.select(pl_module))  # GroupLasso(with_bias=True)
-        return coupled_selection(self.penalty, pl_module, selected)  # CoupledGroupLasso: every tensor of its groups
+        return self.penalty.bind(pl_module, self.select(pl_module))  # with the tensors the penalty's groups add
 
     def current_alpha(self, step: int) -> float:
         """``alpha * schedule(step)``: the strength used at optimizer step ``step`` (0-based)."""
@@ -285,7 +283,7 @@ class Regularizer(Callback):
         operands, reduction = self._operands(params), shard_reduction(params)  # global sums under FSDP2
         penalty = sum_values([self.penalty.value(w, self.alpha) for w in operands], reduction)
         metrics: dict[str, Tensor | float] = {f"reg/{self.name}/penalty": penalty, f"reg/{self.name}/alpha": self.alpha}
-        metrics.update(coupled_metrics(self.penalty, self.name))  # CoupledGroupLasso: reg/<name>/groups_alive
+        metrics.update(self.penalty.metrics(self.name))  # e.g. CoupledGroupLasso: reg/<name>/groups_alive
         if self._target is not None:
             metrics.update(self._target.metrics(self.name, self.penalty, operands, reduction, self._last_step))
         return metrics

@@ -72,6 +72,9 @@ class Penalty:
     proximal_only = False
     #: ``prox`` takes a per-coordinate step (a tensor); if not, an adaptive optimizer's prox takes its plain ``lr``.
     coordinate_steps = True
+    #: ``zero_levels`` cover every tensor the penalty acts on, so target sparsity can set alpha from them; not so
+    #: where a group takes in a tensor without levels of its own (``GroupLasso(with_bias=True)``'s bias).
+    levels_cover_all = True
 
     def __init__(self, alpha: float) -> None:
         self.alpha = check_real("alpha", alpha)
@@ -127,6 +130,26 @@ class Penalty:
         the ranks that hold different shards of ``w`` hold every unit once.
         """
         raise NotImplementedError(f"{type(self).__name__} makes no exact zeros, so it has no zero levels")
+
+    # ---- optional hooks: the tensors the penalty acts on, and its own metrics -------------------------
+    def bind(self, model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+        """The ``(name, tensor)`` pairs the penalty acts on, given the ``selected`` ones of ``model``.
+
+        The ``Regularizer`` calls it when it binds to the model (fit start, a changed parameter set). The base
+        keeps ``selected``; a penalty whose groups span several tensors adds them here and records the pairing
+        (``GroupLasso(with_bias=True)``: each weight's bias; ``CoupledGroupLasso``: every tensor of its groups).
+
+        Example:
+            >>> from lightreg import L1
+            >>> lin = torch.nn.Linear(2, 1)
+            >>> [name for name, _ in L1(0.1).bind(lin, [("weight", lin.weight)])]
+            ['weight']
+        """
+        return list(selected)
+
+    def metrics(self, name: str) -> dict[str, float]:
+        """The penalty's own metrics, named under ``reg/<name>/`` (the base has none)."""
+        return {}
 
     def check_tensor(self, name: str, w: Tensor) -> None:
         """Raise ``TypeError``/``ValueError`` if the penalty cannot apply to ``w``; called before any weight changes.

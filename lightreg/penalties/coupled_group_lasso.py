@@ -208,19 +208,6 @@ def family_prox_(family: Family, step_of: StepOf, alpha: float) -> None:
         s.param.detach().index_copy_(s.dim, s.index, v.movedim(0, s.dim).to(s.param.dtype))
 
 
-def coupled_selection(penalty: Penalty, model: nn.Module, selected: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
-    """For a ``CoupledGroupLasso``: every tensor of the groups rooted at ``selected`` (tracing ``model``);
-    for any other penalty, ``selected`` unchanged."""
-    if not isinstance(penalty, CoupledGroupLasso):
-        return selected
-    return penalty.bind(model, selected)
-
-
-def coupled_metrics(penalty: Penalty, name: str) -> dict[str, float]:
-    """``CoupledGroupLasso.metrics`` for a coupled penalty, else nothing."""
-    return penalty.metrics(name) if isinstance(penalty, CoupledGroupLasso) else {}
-
-
 def joint_prox_(penalty: Penalty, work: Sequence[tuple[Any, Sequence[Tensor], Step | Sequence[Step], float]], alpha: float) -> bool:
     """One prox over every tensor of an optimizer step (all param groups at once) for a joint penalty;
     ``False`` (nothing done) for any other, which takes its param groups one by one."""

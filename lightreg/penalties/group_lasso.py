@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -10,6 +11,7 @@ from torch import Tensor
 from lightreg.base.checks import check_int
 from lightreg.base.distributed import complete_over_shards, is_dtensor, local_groups, local_tensor, owns_slices, replicate
 from lightreg.base.dtypes import accumulation_dtype
+from lightreg.model.selection import named_parameters_with_owner
 from lightreg.penalties.contract import Penalty, Step
 
 #: Newton steps of the per-coordinate prox. Measured on 64 x 64 weights with steps spread over up to 10
@@ -206,6 +208,25 @@ class GroupLasso(Penalty):
         if work is not u:
             u.copy_(work)
 
+    @property
+    def levels_cover_all(self) -> bool:  # type: ignore[override]
+        return not self.with_bias  # the zero levels are those of the rows: a bias has none
+
+    def bind(self, model: torch.nn.Module, selected: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+        """``selected`` plus the bias of each selected weight's module when ``with_bias`` (the pairs are recorded
+        by ``pair_biases``); else ``selected`` unchanged.
+
+        The bias counts as selected with its weight: it must be in an optimizer, and the penalty moves it
+        together with the weight, at the weight's step. A weight whose module has no bias keeps plain row groups.
+        """
+        if not self.with_bias:
+            return list(selected)
+        rows = {id(row.param): (row.name, row.module) for row in named_parameters_with_owner(model)}
+        chosen = {id(p) for _, p in selected}
+        pairs = [(w, rows[id(w)][1].bias) for _, w in selected if isinstance(getattr(rows[id(w)][1], "bias", None), Tensor)]
+        self.pair_biases(pairs)
+        return list(selected) + [(rows[id(b)][0], b) for _, b in pairs if id(b) not in chosen]
+
     # ---- with_bias: the groups are (row of the weight, bias entry) pairs ------------------------------
     def pair_biases(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         """Register ``(weight, bias)`` pairs: from now on the per-tensor operations on ``weight`` act on the
@@ -266,21 +287,3 @@ class GroupLasso(Penalty):
         g.addcmul_(w, coef.view(-1, *[1] * (w.ndim - 1)))
         if b.grad is not None:  # a frozen bias takes no gradient step; its weight still sees the joint norm
             b.grad.addcmul_(b, coef)
-
-
-def with_biases(penalty: Penalty, model: torch.nn.Module, selected: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
-    """``selected`` plus the bias of each selected weight's module, when the penalty's groups take biases in
-    (``GroupLasso(with_bias=True)``, which is handed the ``(weight, bias)`` pairs); else ``selected`` unchanged.
-
-    The bias counts as selected with its weight: it must be in an optimizer, and the penalty moves it
-    together with the weight, at the weight's step. A weight whose module has no bias keeps plain row groups.
-    """
-    if not getattr(penalty, "with_bias", False):
-        return list(selected)
-    from lightreg.model.selection import named_parameters_with_owner
-
-    rows = {id(row.param): (row.name, row.module) for row in named_parameters_with_owner(model)}
-    chosen = {id(p) for _, p in selected}
-    pairs = [(w, rows[id(w)][1].bias) for _, w in selected if isinstance(getattr(rows[id(w)][1], "bias", None), Tensor)]
-    penalty.pair_biases(pairs)  # type: ignore[attr-defined]
-    return list(selected) + [(rows[id(b)][0], b) for _, b in pairs if id(b) not in chosen]

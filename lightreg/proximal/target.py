@@ -117,7 +117,7 @@ class TargetSparsity:
                              f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso), got {penalty!r} in mode={mode!r}")
         if schedule is not None:
             raise ValueError(f"target_sparsity sets alpha at every step; it takes no schedule, got {schedule!r}")
-        if getattr(penalty, "with_bias", False):
+        if not penalty.levels_cover_all:
             raise ValueError(f"{penalty!r} takes no target_sparsity (its zero levels ignore the bias), got {self.target!r}")
 
     def __str__(self) -> str:
