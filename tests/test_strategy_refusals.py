@@ -57,7 +57,7 @@ def test_regularizer_refuses_deepspeed_before_any_change():
 
     with pytest.raises(ValueError, match="DeepSpeedStrategy"):
         reg.on_fit_start(FakeTrainer(), model)
-    assert reg.penalised() == [] and reg._hooks.handles == []
+    assert reg.penalised() == [] and reg.hooked == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -105,7 +105,7 @@ def test_freeze_zeros_refuses_deepspeed_before_any_change():
     freeze = FreezeZeros()
     with pytest.raises(ValueError, match=r"FreezeZeros 'freeze_zeros' does not support DeepSpeedStrategy \(ZeRO stage 2\)"):
         freeze.on_fit_start(type("FakeTrainer", (), {"strategy": _deepspeed(2)})(), model)
-    assert freeze.masks == {} and freeze._hooks.handles == []
+    assert freeze.masks == {} and freeze.hooked == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 

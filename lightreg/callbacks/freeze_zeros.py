@@ -83,6 +83,16 @@ class FreezeZeros(Callback):
         """How many entries of each parameter are held at zero."""
         return {name: int(mask.sum()) for name, mask in self.masks.items()}
 
+    @property
+    def hooked(self) -> list[torch.optim.Optimizer]:
+        """The optimizers whose steps this callback is hooked into now (none before fit start and after the fit)."""
+        return self._hooks.optimizers if self._hooks.handles else []
+
+    @property
+    def held(self) -> list[tuple[Tensor, Tensor]]:
+        """The ``(parameter, mask)`` pairs held at zero now, the masks on their parameters' devices."""
+        return list(self._pairs)
+
     @torch.no_grad()
     def record(self, module: nn.Module) -> None:
         """Record ``w == 0`` of the selected parameters of ``module`` now (replacing any earlier pattern)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ from torch import Tensor
 
 from lightreg.base.checks import check_distinct_names, check_patterns
 from lightreg.callbacks.regularizer_checks import ParameterChecks, check_regularizer
+from lightreg.callbacks.regularizer_report import penalty_in_use
 from lightreg.base.wrapped import is_uninitialized, unwrap
 from lightreg.callbacks.binding import Binding
 from lightreg.penalties.coupled_group_lasso import joint_prox_
@@ -36,18 +36,6 @@ MODES = ("gradient", "decoupled", "proximal")
 
 def _lr(group: dict[str, Any]) -> float:
     return float(group["lr"])  # a tensor lr costs one sync per param group, never one per parameter
-
-
-def penalty_in_use(penalty: Penalty, target: object) -> str:
-    """The penalty as the fit uses it: with a target, alpha is the target's at every step, not the configured one.
-
-    Example:
-        >>> from lightreg.penalties.elastic_net import ElasticNet
-        >>> penalty_in_use(ElasticNet(1e-3, 0.5), None), penalty_in_use(ElasticNet(1e-3, 0.5), object())
-        ('ElasticNet(alpha=0.001, l1_ratio=0.5)', 'ElasticNet(alpha=set by the target, l1_ratio=0.5)')
-    """
-    text = repr(penalty)
-    return text if target is None else re.sub(r"alpha=[^,)]*", "alpha=set by the target", text, count=1)
 
 
 class Regularizer(Callback):
@@ -143,6 +131,16 @@ class Regularizer(Callback):
         # Lightning refuses equal keys when the Trainer is built, in a message that cannot name `name=`.
         # Until setup has compared the names itself (check_distinct_names), each instance keys apart.
         return self._generate_state_key(name=self.name) if self._keyed else self._generate_state_key(instance=id(self))
+
+    @property
+    def target(self) -> TargetSparsity | None:
+        """The target sparsity that sets alpha (its window, level and zero pattern), or ``None``."""
+        return self._target
+
+    @property
+    def hooked(self) -> list[torch.optim.Optimizer]:
+        """The optimizers whose steps this callback is hooked into now (none before fit start and after the fit)."""
+        return self._hooks.optimizers if self._hooks.handles else []
 
     # ---- extension points -------------------------------------------------------------------
     def select(self, pl_module: pl.LightningModule) -> list[tuple[str, Tensor]]:
