@@ -1,6 +1,6 @@
 """The preconditioned proximal step in one fused kernel: the bounded adaptive step and the prox, never ``t`` in memory.
 
-The eager reference (``Penalty.apply_prox_`` over :class:`~lightreg.preconditioner.LazySteps`) makes the step
+The eager reference (``Penalty.apply_prox_`` over :class:`~lightreg.proximal.metric.LazySteps`) makes the step
 ``t = c / (sqrt(v) / d + eps)`` (``v`` floored where it is 0, ``lightreg.proximal.adaptive_step``) as a tensor, then applies the prox with it: about ten passes over the
 weights and one temporary per parameter. The fused kernel of an elementwise penalty (``L1``, ``L2``, ``ElasticNet``,
 ``L0``) reads ``v`` and ``w`` once and rewrites ``w`` in place (``v̄``, the typical second moment, is computed

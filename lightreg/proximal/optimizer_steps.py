@@ -1,6 +1,6 @@
 """The step each torch optimizer takes, read from the state its step just wrote (the table: ``lightreg.proximal.metric``).
 
-Each ``_<name>_rule(optimizer, group)`` returns ``param -> metric``: an :class:`~lightreg.adaptive_step.AdaptiveStep`
+Each ``_<name>_rule(optimizer, group)`` returns ``param -> metric``: an :class:`~lightreg.proximal.adaptive_step.AdaptiveStep`
 ``numerator / (sqrt(v) / divisor + eps)`` for the adaptive optimizers (bounded where ``v = 0`` when evaluated), a
 float for ASGD and RAdam's unrectified steps.
 """

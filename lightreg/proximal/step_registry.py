@@ -27,7 +27,7 @@ def register_step_rule(optimizer_class: type, make_rule: Callable[[torch.optim.O
 
     ``make_rule(optimizer, group)`` is called after each step with a live param group and returns ``param -> step``:
     a float (the one step every coordinate took), a tensor shaped like the parameter (taken as it is), or an
-    :class:`~lightreg.adaptive_step.AdaptiveStep` ``numerator / (sqrt(v) / divisor + eps)``, which lightreg bounds by
+    :class:`~lightreg.proximal.adaptive_step.AdaptiveStep` ``numerator / (sqrt(v) / divisor + eps)``, which lightreg bounds by
     the tensor's typical step (``docs/extending.md``). The exact class is matched; a registered class is not warned
     about.
 
