@@ -65,7 +65,7 @@ class FreezeZeros(Callback):
         self.exclude = check_patterns("exclude", exclude)
         self.start_step = check_int("start_step", start_step, low=0)
         self.name = name
-        self.masks: dict[str, Tensor] = {}  # w == 0: True where w is held at zero (masked_fill_); the target keeps the complement
+        self.masks: dict[str, Tensor] = {}  # w == 0 (masked_fill_); TargetSparsity keeps w != 0
         self._pairs: list[tuple[Tensor, Tensor]] = []
         self._hooks = StepHooks()
         self._waiting = False

@@ -108,7 +108,7 @@ class TargetSparsity:
         self.pending = False  # a selection fell on a step whose lr was 0 everywhere
         self.selected = False  # a level has been selected (there is a zero pattern to hold)
         self.seen = 0  # optimizer steps the callback saw (raw optimizers do not advance trainer.global_step)
-        self.masks: dict[str, Tensor] = {}  # w != 0: True where w may move (kept as w *= mask); FreezeZeros keeps the complement
+        self.masks: dict[str, Tensor] = {}  # w != 0 (w *= mask); FreezeZeros keeps w == 0
 
     def check(self, penalty: Penalty, mode: str, schedule: object) -> None:
         """Raise ``ValueError`` unless a target can drive ``penalty`` in ``mode`` (it sets alpha: no ``schedule``)."""
