@@ -56,7 +56,8 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor, fused_prox
+import lightreg.proximal.fused_prox as fused_prox
+from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor
 from lightreg.model.selection import select_parameters
 
 ALPHA, LR = 1e-4, 1e-3
