@@ -16,7 +16,7 @@ from lightreg.base.checks import check_distinct_names, check_patterns
 from lightreg.callbacks.regularizer_checks import ParameterChecks, check_regularizer
 from lightreg.callbacks.regularizer_report import penalty_in_use
 from lightreg.base.wrapped import is_uninitialized, unwrap
-from lightreg.callbacks.binding import Binding
+from lightreg.callbacks.param_groups import Binding
 from lightreg.penalties.coupled_group_lasso import joint_prox_
 from lightreg.base.distributed import is_dtensor, local_tensor, shard_reduction, sum_values
 from lightreg.callbacks.loggers import is_log_step, log_scalars
@@ -62,7 +62,7 @@ class Regularizer(Callback):
     under automatic optimization (backward runs inside ``optimizer.step``; ``decoupled`` with a grad
     scaler: the step pre-hook, never on a skipped step), in the step pre-hook under manual optimization
     (``LightningOptimizer`` or raw). Which: ``select`` intersected with what each optimizer holds when
-    it steps, cached while its parameter set is unchanged (``lightreg.callbacks.binding``); optimizers made mid-fit
+    it steps, cached while its parameter set is unchanged (``lightreg.callbacks.param_groups``); optimizers made mid-fit
     are hooked at the next ``on_train_batch_start``. ``LBFGS``, ``maximize=True`` and tensors
     ``Penalty.check_tensor`` refuses are refused before any weight changes (``docs/correctness.md``).
 
