@@ -15,87 +15,58 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it (setuptools dynamic version)
 
-#: Public name -> the module that defines it.
+#: Public name -> the module that defines it; in the order of ``__all__``, the one list of public names.
 _SOURCES = {
-    "L0": "lightreg.l0",
-    "L1": "lightreg.elementwise",
-    "L2": "lightreg.elementwise",
-    "CosineSchedule": "lightreg.schedules",
-    "CoupledGroupLasso": "lightreg.coupled_lasso",
-    "coupled_groups": "lightreg.dependency_groups",
-    "load_shrunk": "lightreg.shrink_save",
-    "save_shrunk": "lightreg.shrink_save",
-    "TracedShrinkReport": "lightreg.shrink_traced_report",
-    "TracedShrinkRow": "lightreg.shrink_traced_report",
-    "print_traced_report": "lightreg.shrink_traced_report",
-    "ElasticNet": "lightreg.elementwise",
-    "FreezeZeros": "lightreg.freeze_zeros",
-    "GroupLasso": "lightreg.group_lasso",
-    "LinearWarmup": "lightreg.schedules",
-    "Penalty": "lightreg.penalty",
-    "Regularizer": "lightreg.regularizer",
-    "ShrinkReport": "lightreg.shrink_table",
-    "ShrinkRow": "lightreg.shrink_table",
-    "StepWindow": "lightreg.schedules",
-    "WeightMonitor": "lightreg.monitor",
-    "print_report": "lightreg.report",
-    "print_shrink_report": "lightreg.shrink_table",
-    "register_step_rule": "lightreg.step_registry",
-    "select_parameters": "lightreg.selection",
-    "shrink": "lightreg.shrink",
-    "shrink_report": "lightreg.shrink_table",
-    "sparsity_report": "lightreg.report",
+    "L0": "lightreg.penalties.l0",
+    "L1": "lightreg.penalties.elastic_net",
+    "L2": "lightreg.penalties.elastic_net",
+    "CosineSchedule": "lightreg.penalties.schedules",
+    "CoupledGroupLasso": "lightreg.penalties.coupled_group_lasso",
+    "ElasticNet": "lightreg.penalties.elastic_net",
+    "FreezeZeros": "lightreg.callbacks.freeze_zeros",
+    "GroupLasso": "lightreg.penalties.group_lasso",
+    "LinearWarmup": "lightreg.penalties.schedules",
+    "Penalty": "lightreg.penalties.contract",
+    "Regularizer": "lightreg.callbacks.regularizer",
+    "ShrinkReport": "lightreg.surgery.report",
+    "ShrinkRow": "lightreg.surgery.report",
+    "StepWindow": "lightreg.penalties.schedules",
+    "TracedShrinkReport": "lightreg.surgery.traced_report",
+    "TracedShrinkRow": "lightreg.surgery.traced_report",
+    "WeightMonitor": "lightreg.callbacks.monitor",
+    "coupled_groups": "lightreg.model.dependency_groups",
+    "load_shrunk": "lightreg.surgery.save",
+    "print_report": "lightreg.stats.report",
+    "print_shrink_report": "lightreg.surgery.report",
+    "print_traced_report": "lightreg.surgery.traced_report",
+    "register_step_rule": "lightreg.proximal.step_registry",
+    "save_shrunk": "lightreg.surgery.save",
+    "select_parameters": "lightreg.model.selection",
+    "shrink": "lightreg.surgery.shrink",
+    "shrink_report": "lightreg.surgery.report",
+    "sparsity_report": "lightreg.stats.report",
 }
 
-__all__ = [
-    "L0",
-    "L1",
-    "L2",
-    "CosineSchedule",
-    "CoupledGroupLasso",
-    "ElasticNet",
-    "FreezeZeros",
-    "GroupLasso",
-    "LinearWarmup",
-    "Penalty",
-    "Regularizer",
-    "ShrinkReport",
-    "ShrinkRow",
-    "StepWindow",
-    "TracedShrinkReport",
-    "TracedShrinkRow",
-    "WeightMonitor",
-    "coupled_groups",
-    "load_shrunk",
-    "print_report",
-    "print_shrink_report",
-    "print_traced_report",
-    "register_step_rule",
-    "save_shrunk",
-    "select_parameters",
-    "shrink",
-    "shrink_report",
-    "sparsity_report",
-]
+__all__ = list(_SOURCES)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below imports on demand
-    from lightreg.dependency_groups import coupled_groups
-    from lightreg.coupled_lasso import CoupledGroupLasso
-    from lightreg.elementwise import L1, L2, ElasticNet
-    from lightreg.freeze_zeros import FreezeZeros
-    from lightreg.group_lasso import GroupLasso
-    from lightreg.l0 import L0
-    from lightreg.monitor import WeightMonitor
-    from lightreg.penalty import Penalty
-    from lightreg.step_registry import register_step_rule
-    from lightreg.regularizer import Regularizer
-    from lightreg.report import print_report, sparsity_report
-    from lightreg.schedules import CosineSchedule, LinearWarmup, StepWindow
-    from lightreg.selection import select_parameters
-    from lightreg.shrink import shrink
-    from lightreg.shrink_save import load_shrunk, save_shrunk
-    from lightreg.shrink_table import ShrinkReport, ShrinkRow, print_shrink_report, shrink_report
-    from lightreg.shrink_traced_report import TracedShrinkReport, TracedShrinkRow, print_traced_report
+    from lightreg.model.dependency_groups import coupled_groups
+    from lightreg.penalties.coupled_group_lasso import CoupledGroupLasso
+    from lightreg.penalties.elastic_net import L1, L2, ElasticNet
+    from lightreg.callbacks.freeze_zeros import FreezeZeros
+    from lightreg.penalties.group_lasso import GroupLasso
+    from lightreg.penalties.l0 import L0
+    from lightreg.callbacks.monitor import WeightMonitor
+    from lightreg.penalties.contract import Penalty
+    from lightreg.proximal.step_registry import register_step_rule
+    from lightreg.callbacks.regularizer import Regularizer
+    from lightreg.stats.report import print_report, sparsity_report
+    from lightreg.penalties.schedules import CosineSchedule, LinearWarmup, StepWindow
+    from lightreg.model.selection import select_parameters
+    from lightreg.surgery.shrink import shrink
+    from lightreg.surgery.save import load_shrunk, save_shrunk
+    from lightreg.surgery.report import ShrinkReport, ShrinkRow, print_shrink_report, shrink_report
+    from lightreg.surgery.traced_report import TracedShrinkReport, TracedShrinkRow, print_traced_report
 
 
 def __getattr__(name: str) -> Any:

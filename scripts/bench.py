@@ -26,7 +26,7 @@ ratios stable on shared cores. ``--clock wall --threads 2`` measures wall time o
 The tables lead with the DEFAULT configuration, ``Regularizer(penalty)`` (proximal, preconditioned), per optimizer:
 Adam (every configuration) and SGD with momentum 0.9 (a second fit: the defaults, the hand-written penalty and the
 floor). The fused prox kernels are compiled before the timed steps, as a long fit compiles them
-(``lightreg.fused_prox``); ``l1/proximal_eager`` is the same default on a short run, before compiling pays.
+(``lightreg.proximal.fused_prox``); ``l1/proximal_eager`` is the same default on a short run, before compiling pays.
 
 Run ``python scripts/bench.py`` (a few minutes), ``--quick`` for a smoke run, ``--json out.json``.
 """
@@ -56,8 +56,9 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor, fused_prox
-from lightreg.selection import select_parameters
+import lightreg.proximal.fused_prox as fused_prox
+from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor
+from lightreg.model.selection import select_parameters
 
 ALPHA, LR = 1e-4, 1e-3
 #: The optimizers of the fits: Adam for every configuration, SGD with momentum for the defaults.

@@ -14,7 +14,7 @@ optimizer (SGD, lr 0.01, momentum 0.9, batch 64), epochs and seeds for every met
   ``ModelPruning(pruning_fn="ln_structured")`` applies, at every epoch end over the first half of the epochs, ramping
   linearly to the share of filters that removes the target share of parameters.
 
-Then every method is cut the same way to the same parameter reduction: coupled groups (``lightreg.dependency_groups``)
+Then every method is cut the same way to the same parameter reduction: coupled groups (``lightreg.model.dependency_groups``)
 in increasing order of the method's own score (the coupled group norm for lightreg and Torch-Pruning, the filter
 norm that ``ln_structured`` ranks by for ModelPruning) are zeroed until the parameters left are at most
 ``1 - target`` of the dense model, and ``lightreg.shrink`` removes them physically (Torch-Pruning's surgery). The
@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from lightreg import CoupledGroupLasso, coupled_groups, shrink
-from lightreg.shrink_cost import forward_time
+from lightreg.surgery.cost import forward_time
 
 METHODS = ("dense", "lightreg", "lightreg-half", "tp-groupnorm", "modelpruning")
 LR, MOMENTUM, BATCH = 0.01, 0.9, 64

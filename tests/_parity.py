@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer
-from lightreg.distributed import global_value, local_tensor
-from lightreg.selection import clean_name
+from lightreg.base.distributed import global_value, local_tensor
+from lightreg.model.selection import clean_name
 from tests.models import TinyNet, loader, regression_data, trainer
 
 N, D = 16, 8

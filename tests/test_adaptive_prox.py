@@ -16,7 +16,7 @@ from sklearn.linear_model import Lasso
 from torch import nn
 
 from lightreg import L0, L1, ElasticNet, GroupLasso, Regularizer
-from lightreg.preconditioner import step_rule
+from lightreg.proximal.metric import step_rule
 from tests.models import TinyNet, loader, regression_data, trainer
 
 

@@ -274,7 +274,7 @@ def test_a_wheel_ships_conf_and_finds_it_when_installed(tmp_path):
     had_build = (ROOT / "build").exists()
     source = tmp_path / "src"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, source / name)
     for folder in ("lightreg", "conf"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))

@@ -87,7 +87,7 @@ def test_every_regularizer_argument_is_a_penalty_key_written_once():
         cfg = compose_cfg("penalty=l1", "penalty.target_sparsity=0.5", f"penalty.{key}=null")
         assert key not in build.split_penalty(cfg.penalty)[0]
     cfg = compose_cfg("penalty=l1", "penalty.target_sparsity=0.5", "penalty.target_every=10")
-    assert build.build_regularizer(cfg.penalty)._target.every == 10
+    assert build.build_regularizer(cfg.penalty).target.every == 10
 
 
 def test_no_penalty_argument_shares_a_name_with_a_regularizer_argument():
@@ -155,8 +155,8 @@ def test_penalty_fields_reach_the_regularizer():
 def test_target_sparsity_fields_reach_the_regularizer():
     cfg = compose_cfg("penalty=l0", "penalty.target_sparsity=0.9", "penalty.target_ramp=[0,0.5]", "penalty.target_debias=0.25")
     reg = build.build_regularizer(cfg.penalty)
-    assert reg._target.target == 0.9 and list(reg._target.ramp) == [0, 0.5] and reg._target.debias == 0.25
-    assert reg.preconditioned and build.build_regularizer(compose_cfg("penalty=l1").penalty)._target is None
+    assert reg.target.target == 0.9 and list(reg.target.ramp) == [0, 0.5] and reg.target.debias == 0.25
+    assert reg.preconditioned and build.build_regularizer(compose_cfg("penalty=l1").penalty).target is None
     cfg = compose_cfg("penalty=l1", "penalty.preconditioned=false")
     assert not build.build_regularizer(cfg.penalty).preconditioned
 

@@ -52,7 +52,7 @@ def test_rules_refuse_what_the_constructors_refuse_in_the_same_words(target, pen
 
 
 def test_rules_know_the_modes_and_penalties_lightreg_has():
-    from lightreg.regularizer import MODES
+    from lightreg.callbacks.regularizer import MODES
 
     assert rules.MODES == MODES
     assert sorted(p.rsplit(".", 1)[1] for p in rules.PENALTIES) == sorted(

@@ -11,7 +11,8 @@ from sklearn.preprocessing import StandardScaler
 
 from lightreg.app.config import RunContext
 from lightreg.app.data import TabularData, sparse_linear_problem
-from lightreg.app.train import run, support_metrics, write_json_atomic
+from lightreg.app.outputs import write_json_atomic
+from lightreg.app.train import run, support_metrics
 from tests._app import compose_cfg
 
 PAIRINGS = [(m, d) for m in ("linear", "mlp") for d in ("digits", "breast_cancer", "diabetes", "synthetic")]

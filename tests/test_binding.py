@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from lightreg.binding import Binding, resolve
+from lightreg.callbacks.param_groups import Binding, resolve
 
 
 def make():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightreg import CoupledGroupLasso, GroupLasso, Regularizer, load_shrunk, save_shrunk, shrink
-from lightreg.coupled_lasso import family_value
+from lightreg.penalties.coupled_group_lasso import family_value
 from tests.models import loader
 
 pytest.importorskip("torch_pruning")

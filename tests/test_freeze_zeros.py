@@ -140,12 +140,12 @@ def test_left_out_or_released_it_lets_the_entries_train():
     zeros = with_zeros(model)
     freeze = FreezeZeros(include="net.0.weight")
     fit(model, [freeze], steps=10)
-    assert freeze._hooks.handles == [] and set(freeze.frozen) == {"net.0.weight"}
+    assert freeze.hooked == [] and set(freeze.frozen) == {"net.0.weight"}
     fit(model, [], steps=10)  # a next fit without it: the entries move
     idx = zeros["net.0.weight"]
     assert torch.count_nonzero(model.get_parameter("net.0.weight").view(-1)[idx]) == len(idx)
     freeze.release()
-    assert freeze.masks == {} and freeze._pairs == []
+    assert freeze.masks == {} and freeze.held == []
 
 
 class ZerosAt(pl.Callback):

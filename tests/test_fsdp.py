@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, GroupLasso, Regularizer
-from lightreg.distributed import is_dtensor
+from lightreg.base.distributed import is_dtensor
 from tests._parity import ADAPTIVE, N, OneProcess, TwoGroupNet, assert_same, table, train
 from tests._spawn import run_on_ranks
 from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer

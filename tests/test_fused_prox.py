@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lightreg import L0, L1, L2, ElasticNet, GroupLasso
-from lightreg import fused_prox
-from lightreg.adaptive_step import AdaptiveStep
-from lightreg.fused_prox import apply_prox, fused_reference
-from lightreg.preconditioner import LazySteps, metric_rule, step_rule
+import lightreg.proximal.fused_prox as fused_prox
+from lightreg.proximal.adaptive_step import AdaptiveStep
+from lightreg.proximal.fused_prox import apply_prox, fused_reference
+from lightreg.proximal.metric import LazySteps, metric_rule, step_rule
 
 PENALTIES = [L1(0.3), L2(0.3), ElasticNet(0.3, 0.5), ElasticNet(0.3, 0.0), L0(0.3)]
 

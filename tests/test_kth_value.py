@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightreg.kth_value import kth_smallest, level_for_fraction
+from lightreg.proximal.kth_value import kth_smallest, level_for_fraction
 
 
 def _parts(dtype, seed=0):

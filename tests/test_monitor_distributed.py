@@ -13,9 +13,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, Regularizer, sparsity_report
-from lightreg.distributed import local_shards, shard_reduction
-from lightreg.histogram import histograms
-from lightreg.statistics import COLUMNS, partial_sums
+from lightreg.base.distributed import local_shards, shard_reduction
+from lightreg.stats.histogram import histograms
+from lightreg.stats.figures import COLUMNS, partial_sums
 from tests._spawn import run_on_ranks
 from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer
 from tests._readers import read_csv

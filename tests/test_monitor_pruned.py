@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from lightreg import L1, Regularizer, WeightMonitor, print_report, sparsity_report
-from lightreg.report import REPORT_COLUMNS, overall_sparsity
-from lightreg.wandb_extras import table_data
+from lightreg.stats.report import REPORT_COLUMNS, overall_sparsity
+from lightreg.callbacks.wandb_extras import table_data
 from tests.models import TinyNet, loader, regression_data, trainer
 
 LR, ALPHA = 0.05, 0.3

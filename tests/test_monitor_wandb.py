@@ -11,7 +11,7 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 
 from lightreg import L1, Regularizer, WeightMonitor, sparsity_report
-from lightreg.report import REPORT_COLUMNS
+from lightreg.stats.report import REPORT_COLUMNS
 from tests._readers import finished_wandb_records, items
 from tests.models import TinyNet, loader, regression_data, trainer
 from tests.test_monitor import ALPHA, LR, SELECTED, ista_reference, oracle_figures

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightreg import L1, L2, ElasticNet, GroupLasso
-from lightreg import elementwise
+import lightreg.penalties.elastic_net as elementwise
 from tests.oracles import explicit_prox, explicit_value
 
 

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from lightreg import optimizer_steps
-from lightreg.preconditioner import (LazySteps, is_preconditioned, metric_rule, scalar_step, step_formula, step_rule,
+import lightreg.proximal.optimizer_steps as optimizer_steps
+from lightreg.proximal.metric import (LazySteps, is_preconditioned, metric_rule, scalar_step, step_formula, step_rule,
                                       unknown_adaptive_state)
 
 

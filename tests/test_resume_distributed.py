@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, L2, CosineSchedule, LinearWarmup, Regularizer
-from lightreg.distributed import global_value
+from lightreg.base.distributed import global_value
 from tests._spawn import run_on_ranks
 from tests.models import ShardedNet, TinyNet, loader, regression_data, trainer
 

@@ -12,8 +12,8 @@ from sklearn.linear_model import Lasso
 from torch import nn
 
 from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, register_step_rule
-from lightreg.fused_prox import apply_prox
-from lightreg.preconditioner import REGISTERED, LazySteps, base_optimizer, metric_rule, step_rule
+from lightreg.proximal.fused_prox import apply_prox
+from lightreg.proximal.metric import REGISTERED, LazySteps, base_optimizer, metric_rule, step_rule
 from tests.models import loader, regression_data, trainer
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightreg import CosineSchedule, LinearWarmup, StepWindow
-from lightreg.schedules import scheduled_factor
+from lightreg.penalties.schedules import scheduled_factor
 
 
 def test_linear_warmup():

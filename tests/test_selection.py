@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightreg import select_parameters
-from lightreg.selection import clean_name
+from lightreg.model.selection import clean_name
 
 
 class MyRMSNorm(nn.Module):

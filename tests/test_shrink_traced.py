@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightreg import CoupledGroupLasso, load_shrunk, save_shrunk, shrink
-from lightreg.preconditioner import LazySteps, step_rule
+from lightreg.proximal.metric import LazySteps, step_rule
 from tests import arch_models as am
 
 pytest.importorskip("torch_pruning")

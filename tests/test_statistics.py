@@ -1,4 +1,4 @@
-"""Every figure of lightreg.statistics against torch.linalg.vector_norm and explicit counts."""
+"""Every figure of lightreg.stats.figures against torch.linalg.vector_norm and explicit counts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightreg.report import print_report, sparsity_report
-from lightreg.statistics import (
+from lightreg.stats.report import print_report, sparsity_report
+from lightreg.stats.figures import (
     COLUMNS,
     FIGURES,
     figure_names,

@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import (
 )
 
 from lightreg import L1, Regularizer, WeightMonitor
-from lightreg.strategies import check_model, check_strategy
+from lightreg.callbacks.strategies import check_model, check_strategy
 from tests.models import TinyNet, loader, regression_data, trainer
 
 
@@ -57,7 +57,7 @@ def test_regularizer_refuses_deepspeed_before_any_change():
 
     with pytest.raises(ValueError, match="DeepSpeedStrategy"):
         reg.on_fit_start(FakeTrainer(), model)
-    assert reg.penalised() == [] and reg._hooks.handles == []
+    assert reg.penalised() == [] and reg.hooked == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -105,13 +105,13 @@ def test_freeze_zeros_refuses_deepspeed_before_any_change():
     freeze = FreezeZeros()
     with pytest.raises(ValueError, match=r"FreezeZeros 'freeze_zeros' does not support DeepSpeedStrategy \(ZeRO stage 2\)"):
         freeze.on_fit_start(type("FakeTrainer", (), {"strategy": _deepspeed(2)})(), model)
-    assert freeze.masks == {} and freeze._hooks.handles == []
+    assert freeze.masks == {} and freeze.hooked == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_monitor_refuses_flat_shards_and_accepts_what_it_can_read():
     """One rule for both callbacks: the monitor only reads weights, so ZeRO stages 1-2 (whole weights) pass."""
-    from lightreg.strategies import check_fit
+    from lightreg.callbacks.strategies import check_fit
 
     model = TinyNet()
     for strategy, match in [(FSDPStrategy(), r"WeightMonitor does not support FSDPStrategy \(FSDP1\)"),

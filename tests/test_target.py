@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightreg import L0, L1, GroupLasso
-from lightreg.target import TargetSparsity
-from lightreg.target_window import SparsityWindow, cubic_ramp, resolve_window
+from lightreg.proximal.target import TargetSparsity
+from lightreg.proximal.ramp import SparsityWindow, cubic_ramp, resolve_window
 
 
 def test_cubic_ramp_is_zhu_and_gupta():

@@ -62,12 +62,12 @@ def run(penalty, optimizer="adam", lr=0.01, stop_epoch=None, ckpt_path=None, sav
                                                 (GroupLasso(0.0, dim=1), "adam"), (L0(0.0), "sgd")], ids=str)
 def test_the_ramped_target_is_met_at_every_step_then_frozen(penalty, optimizer):
     model, reg, record = run(penalty, optimizer, lr=0.01 if optimizer != "sgd" else 0.1)
-    window = reg._target.window
+    window = reg.target.window
     assert (window.start, window.end, window.freeze) == (0, 16, 16)
     name = reg.name
     for step, metrics in enumerate(record.metrics):
         zeros, units = zero_units(penalty, model) if step == len(record.metrics) - 1 else (None, None)
-        target = reg._target.fraction(step)
+        target = reg.target.fraction(step)
         assert metrics[f"reg/{name}/target"] == pytest.approx(target)
         # The level zeroes round(target * units) units (ties may add one more); logged = measured.
         units = units or zero_units(penalty, model)[1]

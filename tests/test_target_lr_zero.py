@@ -72,11 +72,11 @@ def test_a_warm_up_from_zero_changes_no_weight_then_the_target_is_met(penalty, o
         zeros = zero_count(after[-1])
         # A level selected at lr 0 was |w| / 0 = inf: every weight zeroed, for as long as it was held. Now step 0
         # selects nothing, step 1 makes the selection due at step 0, and every selection zeroes its ramped target.
-        interval = reg._target.interval
+        interval = reg.target.interval
         for step, ws in enumerate(after[:16]):
             assert zero_count(ws) < units, step  # (a held L1 level may overshoot the ramp between selections)
             if step == 1 or (step and step % interval == 0) or step == 15:
-                k = math.floor(reg._target.fraction(step) * units + 0.5)
+                k = math.floor(reg.target.fraction(step) * units + 0.5)
                 assert k <= zero_count(ws) <= k + 1, step
     assert zeros == round(0.75 * units)
 
@@ -177,4 +177,4 @@ def test_resume_between_selections_with_a_scheduled_lr_is_bit_exact(tmp_path):
     resumed, _ = fit(warmup_from_zero, 24, reg=resumed_reg, ckpt_path=ckpt)
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
-    assert resumed_reg._target.seen == full_reg._target.seen == 24
+    assert resumed_reg.target.seen == full_reg.target.seen == 24

@@ -42,7 +42,7 @@ def test_a_fit_of_unknown_length_with_the_ramp_in_steps_ends_on_the_target():
     reg = Regularizer(L0(0.0), target_sparsity=0.75, target_ramp=(0, 6))  # frozen from step 6 on
     model = TinyNet(h=32, optimizer="adam", lr=0.01, dtype=torch.float32)
     trainer(callbacks=[reg]).fit(model, DataLoader(Stream(), batch_size=4))  # 10 steps
-    assert reg._target.window.freeze == 6 and sparsity(model) == 0.75
+    assert reg.target.window.freeze == 6 and sparsity(model) == 0.75
 
 
 class Progress(TinyNet):

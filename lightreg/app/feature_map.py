@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightreg.distributed import global_value
-from lightreg.loggers import log_scalars, wandb_loggers
+from lightreg.base.distributed import global_value
+from lightreg.callbacks.loggers import log_scalars, wandb_loggers
 
 DIGITS_SHAPE = (8, 8)
 

@@ -100,7 +100,7 @@ def check_node(node: Any, where: str) -> None:
 def regularizer_keys() -> tuple[str, ...]:
     """The ``Regularizer``'s arguments besides the penalty, read from its signature in the source."""
     sig = signature(REGULARIZER)
-    assert sig is not None, "lightreg/regularizer.py is always readable"
+    assert sig is not None, "lightreg/callbacks/regularizer.py is always readable"
     return tuple(k for k in sig.params if k != "penalty")
 
 

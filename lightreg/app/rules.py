@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-MODES = ("gradient", "decoupled", "proximal")  # lightreg.regularizer.MODES (tested)
+MODES = ("gradient", "decoupled", "proximal")  # lightreg.callbacks.regularizer.MODES (tested)
 PENALTIES = ("lightreg.L1", "lightreg.L2", "lightreg.ElasticNet", "lightreg.GroupLasso", "lightreg.L0", "lightreg.CoupledGroupLasso")
 #: Penalties whose prox makes exact zeros (a target can drive them), and those with a prox only.
 MAKES_ZEROS = ("L1", "L0", "GroupLasso", "ElasticNet")
@@ -23,7 +23,7 @@ PROXIMAL_ONLY = ("L0",)
 
 
 def _in_range(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> str | None:
-    """``lightreg._checks.check_real``'s message, or ``None`` when ``value`` passes."""
+    """``lightreg.base.checks.check_real``'s message, or ``None`` when ``value`` passes."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None  # a type error: the annotation check reports it
     if not math.isfinite(value):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lightreg import print_shrink_report, print_traced_report, save_shrunk, shrink
 from lightreg.app.config import ConfigError, RunContext
+from lightreg.app.outputs import write_json_atomic
 
 #: Strategies whose parameters are shards: the network is not whole on one rank after the fit.
 SHARDED = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
@@ -122,7 +123,6 @@ def shrink_run(model: pl.LightningModule, data: Any, ctx: RunContext, path: str 
     """Shrink ``model.<path>``, compare it with the original, write ``shrunk.pt`` and ``shrink_report.json``; return
     the ``shrink/...`` metrics (none, after one line saying why, when the model has nothing to shrink)."""
     from lightreg.app.progress import say
-    from lightreg.app.train import write_json_atomic
 
     model = model.cpu().eval()
     module = find_submodule(model, path)

@@ -8,9 +8,7 @@ traceback. The command line around this module is :mod:`lightreg.app.cli`.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,30 +23,14 @@ from omegaconf.errors import OmegaConfBaseException
 from lightreg import WeightMonitor, print_report, sparsity_report
 from lightreg.app.build import Job, build_job
 from lightreg.app.config import ConfigError, RunContext
+from lightreg.app.outputs import write_json_atomic
 from lightreg.app.progress import say
 from lightreg.app.tracking import finish_wandb, log_config
 from lightreg.app.shrinking import InputCapture, check_shrink, find_submodule, shrink_run
-from lightreg.report import overall_sparsity
+from lightreg.stats.report import overall_sparsity
 
 #: What building objects from the config raises for a bad value; reported as a ConfigError.
 CONFIG_ERRORS = (ValueError, TypeError, HydraException, OmegaConfBaseException, MisconfigurationException)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: readers never see half a file.
-
-    Example:
-        >>> import tempfile
-        >>> p = Path(tempfile.mkdtemp()) / "m.json"
-        >>> write_json_atomic(p, {"val/acc": 0.5}); json.loads(p.read_text())
-        {'val/acc': 0.5}
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def support_metrics(model: pl.LightningModule, true_support: Any) -> dict[str, float]:

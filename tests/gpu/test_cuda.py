@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightreg import L1, L2, ElasticNet, GroupLasso, Regularizer
-from lightreg.elementwise import use_foreach
+from lightreg.penalties.elastic_net import use_foreach
 from tests._parity import N, assert_same, train
 from tests.models import TinyNet, loader, regression_data, trainer
 
@@ -101,7 +101,7 @@ def test_deepspeed_refused_on_gpu(strategy):
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RAdam, torch.optim.NAdam])
 def test_per_coordinate_step_with_the_step_count_on_the_gpu(cls, kwargs):
     """capturable/fused keep `step` on the GPU: the rule computes the bias correction there, and equals the CPU rule."""
-    from lightreg.preconditioner import step_rule
+    from lightreg.proximal.metric import step_rule
 
     if "fused" in kwargs and cls in (torch.optim.RAdam, torch.optim.NAdam):
         pytest.skip(f"{cls.__name__} has no fused implementation")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightreg import CoupledGroupLasso, shrink
-from lightreg.preconditioner import LazySteps, step_rule
+from lightreg.proximal.metric import LazySteps, step_rule
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
