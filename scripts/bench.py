@@ -416,7 +416,8 @@ def compile_kernels(device: str) -> None:
             w = torch.randn(size, device=device)
             v = torch.rand(size, device=device)
             v[::7] = 0.0
-            fused_prox.kernel(name)(w, v, v.mean(), LR, 0.5, 1e-8, LR, ALPHA, ALPHA)
+            for keep in (True, False):  # every v > 0 (v = 0 kept), and some v = 0 (the typical step there)
+                fused_prox.kernel(name)(w, v, 1.0, 1e-8, ALPHA * LR, ALPHA * LR, keep)
 
 
 def largest_penalised_bytes(model_name: str, quick: bool) -> int:

@@ -6,12 +6,16 @@ slow one compiles the kernels (seconds each) and compares them with the eager re
 
 import pytest
 import torch
+from sklearn.datasets import load_diabetes
+from sklearn.linear_model import ElasticNet as SkElasticNet
+from sklearn.linear_model import Lasso
 
-from lightreg import L0, L1, L2, ElasticNet, GroupLasso
+from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer
 import lightreg.proximal.fused_prox as fused_prox
 from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg.proximal.fused_prox import apply_prox, fused_reference
 from lightreg.proximal.metric import LazySteps, metric_rule, step_rule
+from tests.test_adaptive_prox import assert_reaches, fit_full_batch, sklearn_optimum
 
 PENALTIES = [L1(0.3), L2(0.3), ElasticNet(0.3, 0.5), ElasticNet(0.3, 0.0), L0(0.3)]
 
@@ -92,17 +96,56 @@ def test_a_compiler_that_fails_is_reported_once_and_the_eager_step_continues(mon
     assert torch.equal(p.detach(), expected) and fused_prox._state["failed"]
 
 
+def test_a_v_that_turns_zero_between_checks_is_kept_until_the_recheck_then_takes_the_typical_step(monkeypatch):
+    """On the CPU a v found free of zeros is read again every RECHECK_EVERY steps; a coordinate whose v became 0 in
+    between is kept as it is (not wiped by lr / eps), and takes the reference's typical step after the recheck."""
+    monkeypatch.setattr(fused_prox, "RECHECK_EVERY", 3)
+    p, opt = _adam_after_steps(torch.float64, dead=False)
+    rule = metric_rule(opt, opt.param_groups[0])
+    w = p.detach()
+    i = divmod(int(w.abs().argmax()), w.shape[1])  # a weight the prox moves but does not zero
+    fused_reference(L1(1e-3), w, rule(p), 1e-3)  # every v > 0: read and remembered
+    opt.state[p]["exp_avg_sq"][i] = 0.0  # a user rewrites the state in place
+    for k in range(4):
+        before = w.clone()
+        step = rule(p)
+        expected = before.clone()
+        L1(1e-3).prox_(expected, step.bounded(), 1e-3)  # the reference: v̄'s step at i
+        fused_reference(L1(1e-3), w, step, 1e-3)
+        if k < 2:  # remembered: i kept, the rest as the reference
+            assert w[i] == before[i] and expected[i] != before[i]
+            expected[i] = before[i]
+        torch.testing.assert_close(w, expected, rtol=1e-14, atol=1e-15)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("penalty", [L1(0.3), ElasticNet(0.3, 0.5), L2(0.3), L0(0.3)], ids=repr)
-def test_the_compiled_kernel_equals_the_eager_reference(penalty):
+@pytest.mark.parametrize("dead", [True, False], ids=["unstepped", "all_stepped"])
+def test_the_compiled_kernel_equals_the_eager_reference(penalty, dead):
     """torch.compile (inductor): to rounding, any shape (dynamic), any lr (no recompilation per value)."""
     for size, lr in (((6, 5), 0.1), ((7, 3, 2), 0.02)):
-        p, opt = _adam_after_steps(torch.float32, size=size)
+        p, opt = _adam_after_steps(torch.float32, size=size, dead=dead)
         opt.param_groups[0]["lr"] = lr
         step = metric_rule(opt, opt.param_groups[0])(p)
         eager, fused = p.detach().clone(), p.detach().clone()
         penalty.prox_(eager, step.bounded(), penalty.alpha)
         name, a, b = fused_prox._coefficients(penalty, penalty.alpha)
-        fused_prox.kernel(name)(fused.view(-1), step.second_moment.view(-1), step.typical(), step.numerator,
-                                step.divisor, step.eps, step.fallback, a, b)
+        fused_prox.fused_prox_(fused_prox.kernel(name), fused, step, a, b)
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+        assert torch.equal(fused == 0, eager == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("penalty, sk", [(L1(0.05), Lasso(alpha=0.05)),
+                                         (ElasticNet(0.05, l1_ratio=0.5), SkElasticNet(alpha=0.05, l1_ratio=0.5))],
+                         ids=["lasso", "elastic_net"])
+def test_adam_through_the_compiled_kernel_reaches_scikit_learn(monkeypatch, penalty, sk):
+    """A whole fit through the compiled kernels (from the first step) ends at scikit-learn's optimum, zeros included."""
+    used = []
+    monkeypatch.setattr(fused_prox, "COMPILE_AFTER_ELEMENTS", 0)
+    compiled = fused_prox.kernel
+    monkeypatch.setattr(fused_prox, "kernel", lambda name: used.append(name) or compiled(name))
+    x, y = load_diabetes(return_X_y=True)
+    x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+    assert_reaches(fit_full_batch(x, y, Regularizer(penalty)), sklearn_optimum(sk, x, y))
+    assert len(used) == 700
