@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightreg.proximal.fused_prox as fused_prox
+from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor
 from lightreg.model.selection import select_parameters
 
@@ -413,11 +414,13 @@ def compile_kernels(device: str) -> None:
     fused_prox.COMPILE_AFTER_ELEMENTS = 0
     for name in fused_prox.EAGER:
         for size in (4096, 4099):  # dynamic shapes: one graph for every size, odd ones included
-            w = torch.randn(size, device=device)
-            v = torch.rand(size, device=device)
-            v[::7] = 0.0
-            for keep in (True, False):  # every v > 0 (v = 0 kept), and some v = 0 (the typical step there)
-                fused_prox.kernel(name)(w, v, 1.0, 1e-8, ALPHA * LR, ALPHA * LR, keep)
+            for unstepped in (False, True):  # both variants: every v > 0, and some v = 0 (the typical step there)
+                w = torch.randn(size, device=device)
+                v = torch.rand(size, device=device) + 1e-3
+                if unstepped:
+                    v[::7] = 0.0
+                step = AdaptiveStep(LR, v, 0.5, 1e-8, LR)
+                fused_prox.fused_prox_(fused_prox.kernel(name), w, step, ALPHA, ALPHA)
 
 
 def largest_penalised_bytes(model_name: str, quick: bool) -> int:
