@@ -16,7 +16,7 @@ from sklearn.linear_model import Lasso
 from torch import nn
 
 from lightreg import L0, L1, ElasticNet, GroupLasso, Regularizer
-from lightreg.proximal.metric import step_rule
+from lightreg.proximal.metric import step_formula, step_rule
 from tests.models import TinyNet, loader, regression_data, trainer
 
 
@@ -166,3 +166,31 @@ def test_bad_arguments_are_refused_at_construction(kwargs, exc, match):
 def test_repr_shows_the_non_default_sparsity_arguments():
     assert repr(Regularizer(GroupLasso(0.1), preconditioned=False, target_sparsity=0.5)).endswith(
         "name='group_lasso', preconditioned=False, target_sparsity=0.5)")
+
+
+@pytest.fixture
+def one_thread():
+    """torch's sparse-into-dense add spins its threads on tiny tensors (10x slower on two busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sparse_adam_on_a_sparse_embedding_reaches_the_lasso(diabetes, one_thread):
+    """SparseAdam (sparse gradients, eps added to sqrt(v)): a sparse Embedding whose rows are the features' weights,
+    looked up whole and multiplied by the features, is the lasso's linear model. A plain loop over the pure parts
+    (step_rule with SparseAdam's own step, then the prox) reaches scikit-learn's solution, zeros included."""
+    x, y = diabetes
+    xt, yt, d = torch.from_numpy(x), torch.from_numpy(y), x.shape[1]
+    rows = nn.Embedding(d, 1, sparse=True, dtype=torch.float64)
+    nn.init.zeros_(rows.weight)
+    opt, penalty = torch.optim.SparseAdam(rows.parameters(), lr=0.1), L1(0.05)
+    assert "SparseAdam: lr * sqrt(1 - beta2^step)" in step_formula(opt)
+    for _ in range(300):  # the plain lr instead ends 0.35 away
+        opt.zero_grad()
+        (0.5 * ((xt @ rows(torch.arange(d)).squeeze(1) - yt) ** 2).mean()).backward()
+        opt.step()
+        with torch.no_grad():
+            penalty.apply_prox_([rows.weight], [step_rule(opt, opt.param_groups[0])(rows.weight)])
+    assert_reaches(rows.weight.detach().numpy().ravel(), sklearn_optimum(Lasso(alpha=0.05), x, y))

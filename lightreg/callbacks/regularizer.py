@@ -45,7 +45,7 @@ class Regularizer(Callback):
     clipping: the same as ``R`` in the loss); ``decoupled`` takes ``w -= lr * ∇R(w)`` just before the
     step (``L2`` with Adam is AdamW); ``proximal`` (default) applies ``prox_{t R}`` right after the step
     (exact zeros; ISTA with SGD), ``t`` the step the optimizer took: per coordinate ``lr / (sqrt(v̂) + eps)``
-    for Adam, AdamW, NAdam, RAdam, RMSprop and Adagrad (``lightreg.proximal.metric``), so that the fixed
+    for Adam, AdamW, NAdam, RAdam, RMSprop, Adagrad and SparseAdam (``lightreg.proximal.metric``), so that the fixed
     points are the stationary points of ``loss + R`` with those optimizers too; ``lr (1 - dampening) / (1 -
     momentum)`` for SGD with momentum, ``lr`` for the others.
     Every mode acts once per real step on exactly the parameters the optimizer steps (``.grad`` of

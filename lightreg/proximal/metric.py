@@ -18,6 +18,8 @@ RAdam          ``lr * rect * sqrt(1 - beta2^step) / (sqrt(exp_avg_sq) + eps)`` o
 RMSprop        ``lr / ((sqrt(square_avg - grad_avg²) + eps) * (1 - momentum))`` (``grad_avg = 0`` unless
                ``centered``): with momentum the buffer settles at ``g / (avg * (1 - momentum))``
 Adagrad        ``clr / (sqrt(sum) + eps)``, ``clr = lr / (1 + (step - 1) * lr_decay)``
+SparseAdam     ``lr * sqrt(1 - beta2^step) / (sqrt(exp_avg_sq) + eps)`` (its eps is added to ``sqrt(v)``, not
+               ``sqrt(v̂)``); rows a batch does not touch keep their state and their step
 SGD            ``lr * (1 - dampening) / (1 - momentum)`` (a float): the momentum buffer settles at
                ``(1 - dampening) * g / (1 - momentum)``, so with the plain ``lr`` the fixed points would be
                those of ``loss + (1 - momentum) * R``; nesterov settles at the same step
@@ -62,6 +64,7 @@ FORMULAS = {
     "RAdam": "lr * rect * sqrt(1 - beta2^step) / (sqrt(exp_avg_sq) + eps) when rectified, else lr",
     "RMSprop": "lr / ((sqrt(square_avg - grad_avg^2) + eps) * (1 - momentum))",
     "Adagrad": "lr / (1 + (step - 1) * lr_decay) / (sqrt(sum) + eps)",
+    "SparseAdam": "lr * sqrt(1 - beta2^step) / (sqrt(exp_avg_sq) + eps)",
 }
 
 

@@ -121,6 +121,17 @@ def _adagrad_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Me
     return rule
 
 
+def _sparse_adam_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
+    lr, beta2, eps = float(group["lr"]), float(group["betas"][1]), float(group["eps"])
+
+    def rule(p: Tensor) -> Metric:
+        # SparseAdam moves a row by lr sqrt(1 - beta2^k) m_hat / (sqrt(v) + eps): eps is added to sqrt(v), not sqrt(v_hat).
+        state = optimizer.state[p]
+        return adaptive_step(lr * _sqrt(1 - beta2 ** _count(state)), state["exp_avg_sq"], 1.0, eps, lr)
+
+    return rule
+
+
 def _asgd_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> MetricRule:
     lr, lambd, alpha = float(group["lr"]), float(group["lambd"]), float(group["alpha"])
 
@@ -138,6 +149,7 @@ RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]]
     torch.optim.RAdam: _radam_rule,
     torch.optim.RMSprop: _rmsprop_rule,
     torch.optim.Adagrad: _adagrad_rule,
+    torch.optim.SparseAdam: _sparse_adam_rule,
 }
 #: Optimizers whose step is one number per parameter, known by name: no per-coordinate metric, no warning.
 SCALAR_RULES: dict[type, Callable[[torch.optim.Optimizer, dict[str, Any]], MetricRule]] = {
