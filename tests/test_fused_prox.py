@@ -1,7 +1,8 @@
 """The fused preconditioned prox against its eager reference (``Penalty.prox_`` with the bounded step ``t``).
 
-The fast tests run the kernels' formula uncompiled and the switching rule with a stand-in for the compiler; the
-slow one compiles the kernels (seconds each) and compares them with the eager reference on small tensors.
+The C kernels (the CPU backend, built in about a second) against the reference, the switching rule, a failing
+compiler, and a whole fit against scikit-learn; the torch formula (what an accelerator compiles) uncompiled, and, in
+the slow test, compiled by inductor on the CPU.
 """
 
 import pytest
@@ -11,7 +12,9 @@ from sklearn.linear_model import ElasticNet as SkElasticNet
 from sklearn.linear_model import Lasso
 
 from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer
+import lightreg.base.c_kernels as c_kernels
 import lightreg.proximal.fused_prox as fused_prox
+from lightreg.proximal import elementwise_kernel
 from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg.proximal.fused_prox import apply_prox, fused_reference
 from lightreg.proximal.metric import LazySteps, metric_rule, step_rule
@@ -57,6 +60,7 @@ def _lazy(opt, params):
 
 @pytest.mark.parametrize("penalty", PENALTIES + [GroupLasso(0.3)], ids=repr)
 def test_below_the_threshold_apply_prox_is_the_eager_reference_bit_for_bit(penalty, monkeypatch):
+    monkeypatch.setattr(fused_prox, "BUILD_AFTER_ELEMENTS", 1e6)
     monkeypatch.setitem(fused_prox._state, "eager_elements", 0)
     p, opt = _adam_after_steps(torch.float32)
     expected = p.detach().clone()
@@ -66,11 +70,12 @@ def test_below_the_threshold_apply_prox_is_the_eager_reference_bit_for_bit(penal
     assert torch.equal(w, expected)
 
 
-def test_the_kernels_take_over_once_the_eager_steps_have_paid_for_compiling(monkeypatch):
+def test_the_c_kernels_take_over_once_the_eager_steps_have_paid_for_building(monkeypatch):
     calls = []
-    monkeypatch.setattr(fused_prox, "COMPILE_AFTER_ELEMENTS", 60)  # two steps of a 30-element tensor
+    monkeypatch.setattr(fused_prox, "BUILD_AFTER_ELEMENTS", 60)  # two steps of a 30-element tensor
     monkeypatch.setitem(fused_prox._state, "eager_elements", 0)
-    monkeypatch.setattr(fused_prox, "kernel", lambda name: lambda *a: calls.append(name) or fused_prox.EAGER[name](*a))
+    run = elementwise_kernel.elementwise_prox_
+    monkeypatch.setattr(elementwise_kernel, "elementwise_prox_", lambda name, *a: calls.append(name) or run(name, *a))
     p, opt = _adam_after_steps(torch.float64)
     for k in range(4):
         apply_prox(L1(0.01), [p.detach()], _lazy(opt, [p]), 0.01)
@@ -79,43 +84,53 @@ def test_the_kernels_take_over_once_the_eager_steps_have_paid_for_compiling(monk
 
 
 def test_a_compiler_that_fails_is_reported_once_and_the_eager_step_continues(monkeypatch):
-    monkeypatch.setattr(fused_prox, "COMPILE_AFTER_ELEMENTS", 0)
+    monkeypatch.setattr(fused_prox, "BUILD_AFTER_ELEMENTS", 0)
     monkeypatch.setitem(fused_prox._state, "failed", False)
-
-    def broken(name):
-        def run(*args):
-            raise RuntimeError("no C++ compiler")
-        return run
-
-    monkeypatch.setattr(fused_prox, "kernel", broken)
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setattr(elementwise_kernel, "_library", {})  # not loaded in this process yet
     p, opt = _adam_after_steps(torch.float64)
     expected = p.detach().clone()
     L1(0.3).apply_prox_([expected], [step_rule(opt, opt.param_groups[0])(p)], 0.3)
-    with pytest.warns(UserWarning, match="compiling the fused prox kernel failed"):
+    with pytest.warns(UserWarning, match="building the fused prox kernel failed .*no-such-compiler"):
         apply_prox(L1(0.3), [p.detach()], _lazy(opt, [p]), 0.3)
     assert torch.equal(p.detach(), expected) and fused_prox._state["failed"]
 
 
-def test_a_v_that_turns_zero_between_checks_is_kept_until_the_recheck_then_takes_the_typical_step(monkeypatch):
-    """On the CPU a v found free of zeros is read again every RECHECK_EVERY steps; a coordinate whose v became 0 in
-    between is kept as it is (not wiped by lr / eps), and takes the reference's typical step after the recheck."""
-    monkeypatch.setattr(fused_prox, "RECHECK_EVERY", 3)
-    p, opt = _adam_after_steps(torch.float64, dead=False)
-    rule = metric_rule(opt, opt.param_groups[0])
-    w = p.detach()
-    i = divmod(int(w.abs().argmax()), w.shape[1])  # a weight the prox moves but does not zero
-    fused_reference(L1(1e-3), w, rule(p), 1e-3)  # every v > 0: read and remembered
-    opt.state[p]["exp_avg_sq"][i] = 0.0  # a user rewrites the state in place
-    for k in range(4):
-        before = w.clone()
-        step = rule(p)
-        expected = before.clone()
-        L1(1e-3).prox_(expected, step.bounded(), 1e-3)  # the reference: v̄'s step at i
-        fused_reference(L1(1e-3), w, step, 1e-3)
-        if k < 2:  # remembered: i kept, the rest as the reference
-            assert w[i] == before[i] and expected[i] != before[i]
-            expected[i] = before[i]
-        torch.testing.assert_close(w, expected, rtol=1e-14, atol=1e-15)
+@pytest.mark.parametrize("dead", [True, False], ids=["unstepped", "all_stepped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("penalty", PENALTIES, ids=repr)
+def test_the_c_kernel_equals_the_eager_reference(penalty, dtype, dead, monkeypatch):
+    """To rounding, zeros exactly where the reference has them; a tensor split over threads gives the same bits."""
+    p, opt = _adam_after_steps(dtype, size=(40, 25), dead=dead)
+    step = metric_rule(opt, opt.param_groups[0])(p)
+    eager, fused, split = p.detach().clone(), p.detach().clone(), p.detach().clone()
+    penalty.prox_(eager, step.bounded(), penalty.alpha)
+    name, a, b = fused_prox._coefficients(penalty, penalty.alpha)
+    elementwise_kernel.elementwise_prox_(name, fused, step, a, b)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-14)  # |w| <= 3
+    torch.testing.assert_close(fused, eager, **tol)
+    assert torch.equal(fused == 0, eager == 0)
+    monkeypatch.setattr(c_kernels, "PARALLEL_ELEMENTS", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    elementwise_kernel.elementwise_prox_(name, split, step, a, b)
+    assert torch.equal(split, fused)
+
+
+def test_the_c_kernel_gives_an_unstepped_coordinate_the_typical_step_and_leaves_the_rest_to_the_optimizers():
+    """v = 0 on one coordinate: that coordinate takes t = c / (sqrt(v̄) / d + eps), v̄ the mean of the positive v
+    (computed here by hand); every other coordinate takes its own t; nothing stepped at all: the plain fallback."""
+    v = torch.tensor([0.0, 1e-4, 4e-4, 9e-4], dtype=torch.float64)
+    w = torch.tensor([0.5, 0.5, -0.5, 0.5], dtype=torch.float64)
+    c, d, eps = 0.01, 0.5, 1e-8
+    t = c / (v.sqrt() / d + eps)
+    t[0] = c / ((14e-4 / 3) ** 0.5 / d + eps)
+    out = w.clone()
+    elementwise_kernel.elementwise_prox_("l1", out, AdaptiveStep(c, v, d, eps, 0.02), 1.0, 0.0)
+    torch.testing.assert_close(out, w - t * w.sign(), rtol=1e-13, atol=0)
+    out = w.clone()
+    elementwise_kernel.elementwise_prox_("l1", out, AdaptiveStep(c, torch.zeros(4, dtype=torch.float64), d, eps, 0.02),
+                                         1.0, 0.0)
+    torch.testing.assert_close(out, w - 0.02 * w.sign(), rtol=1e-13, atol=0)
 
 
 @pytest.mark.slow
@@ -130,21 +145,20 @@ def test_the_compiled_kernel_equals_the_eager_reference(penalty, dead):
         eager, fused = p.detach().clone(), p.detach().clone()
         penalty.prox_(eager, step.bounded(), penalty.alpha)
         name, a, b = fused_prox._coefficients(penalty, penalty.alpha)
-        fused_prox.fused_prox_(fused_prox.kernel(name), fused, step, a, b)
+        fused_prox.fused_prox_(fused_prox.kernel(name), fused, step, a, b)  # what an accelerator runs
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
         assert torch.equal(fused == 0, eager == 0)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("penalty, sk", [(L1(0.05), Lasso(alpha=0.05)),
                                          (ElasticNet(0.05, l1_ratio=0.5), SkElasticNet(alpha=0.05, l1_ratio=0.5))],
                          ids=["lasso", "elastic_net"])
-def test_adam_through_the_compiled_kernel_reaches_scikit_learn(monkeypatch, penalty, sk):
-    """A whole fit through the compiled kernels (from the first step) ends at scikit-learn's optimum, zeros included."""
+def test_adam_through_the_c_kernel_reaches_scikit_learn(monkeypatch, penalty, sk):
+    """A whole fit through the C kernels (from the first step) ends at scikit-learn's optimum, zeros included."""
     used = []
-    monkeypatch.setattr(fused_prox, "COMPILE_AFTER_ELEMENTS", 0)
-    compiled = fused_prox.kernel
-    monkeypatch.setattr(fused_prox, "kernel", lambda name: used.append(name) or compiled(name))
+    monkeypatch.setattr(fused_prox, "BUILD_AFTER_ELEMENTS", 0)
+    run = elementwise_kernel.elementwise_prox_
+    monkeypatch.setattr(elementwise_kernel, "elementwise_prox_", lambda name, *a: used.append(name) or run(name, *a))
     x, y = load_diabetes(return_X_y=True)
     x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
     assert_reaches(fit_full_batch(x, y, Regularizer(penalty)), sklearn_optimum(sk, x, y))

@@ -5,47 +5,47 @@ The eager reference (``Penalty.apply_prox_`` over :class:`~lightreg.proximal.met
 applies the prox with it: about ten passes over the weights and one temporary per parameter. The fused kernel of an
 elementwise penalty (``L1``, ``L2``, ``ElasticNet``, ``L0``) reads ``v`` and ``w`` once and rewrites ``w`` in place,
 with the step written as ``t = C / q``, ``q = sqrt(v) + e`` (``C = c d``, ``e = eps d``), so that a coordinate costs
-one square root and at most one division::
+one square root and at most one division (the formulas: ``lightreg.proximal.elementwise_kernel``). The results equal
+the eager reference to rounding (the rearranged formula changes the order of a few operations; tested).
 
-    L1          w - sign(w) a C / q            where |w| > a C / q, else 0
-    L2          w q / (q + b C)
-    ElasticNet  sign(w) (|w| q - a C) / (q + b C)   where |w| q > a C, else 0
-    L0          w                              where w² q > 2 a C, else 0
+Two backends:
 
-Where ``v = 0`` (a coordinate the optimizer has not stepped) ``q`` is that of the typical step, ``sqrt(v̄) + e``.
-On the CPU a tensor whose ``v`` has no zero (read once, then every ``RECHECK_EVERY`` steps: a ``v > 0`` stays
-positive) skips ``v̄`` and keeps any such coordinate unchanged instead, which costs no extra pass over ``v``.
-``torch.compile`` (inductor) generates the kernels, once per dtype (``dynamic=True``: any shape, any learning rate, no
-recompilation), for plain tensors. The results equal the eager reference to rounding (the algebra above and fusion
-change the order of a few operations; tested).
+* **CPU: C loops** (``lightreg.proximal.elementwise_kernel``), built with the system's C compiler at the first step
+  (about 1 s, once per machine: the library is cached on disk by the hash of its source) and called through
+  ``ctypes`` for a few microseconds per tensor. From the first step, so that a run takes the same steps whether it
+  started fresh or resumed from a checkpoint (resume is bit-exact) and on every rank.
+* **Accelerators: ``torch.compile``** (inductor) of the same formula (``EAGER`` below), once per dtype
+  (``dynamic=True``: any shape, any learning rate, no recompilation), for plain tensors. Compiling takes 5-30 s per
+  kernel, which a short run never gets back, so the kernels are compiled once the process has taken
+  ``COMPILE_AFTER_ELEMENTS = 5e9`` element-steps through the eager reference (the sizes of the parameters of every
+  eager preconditioned prox, summed over steps): the ski-rental rule, which pays at most twice what the better
+  choice in hindsight would. A run resumed before that point takes eager steps where the uninterrupted one took
+  compiled ones: the same to rounding, not bit for bit.
 
-Compiling takes seconds (about 3-30 s per kernel on one CPU core), which a short run never gets back, so the eager
-reference runs first and the kernels are compiled once the process has taken ``COMPILE_AFTER_ELEMENTS``
-element-steps through it (the sum of the sizes of the parameters of every eager preconditioned prox): the
-ski-rental rule, which pays at most twice what the better choice in hindsight would. The eager step costs about
-1 ns per element more than the fused one on one CPU core (10.8 against 7.7 ms for 3.1 M weights, ``scripts/bench.py``),
-so 5e9 element-steps (about 1,600 steps of a 3 M-weight selection) is about the 5-12 s one kernel's compilation
-takes there. Set it to 0 to compile at the first step, ``math.inf`` never
-to. If compilation fails (no C++ compiler), lightreg warns once and keeps the eager reference.
+``BUILD_AFTER_ELEMENTS`` (CPU, 0 by default) and ``COMPILE_AFTER_ELEMENTS`` set the thresholds; ``math.inf`` never builds. If building fails (no C compiler), lightreg
+warns once and keeps the eager reference.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightreg.base.c_kernels import CompileError
+from lightreg.proximal import elementwise_kernel
 from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg.penalties.elastic_net import L1, L2, ElasticNet
 from lightreg.penalties.l0 import L0
 from lightreg.penalties.contract import Penalty, Step
 from lightreg.proximal.metric import LazySteps
 
-#: Element-steps taken through the eager preconditioned prox before the fused kernels are compiled (see above).
+#: Element-steps taken through the eager preconditioned prox before the C kernels are built (CPU; see above).
+BUILD_AFTER_ELEMENTS: float = 0
+#: Element-steps taken through the eager preconditioned prox before the kernels are compiled (accelerators).
 COMPILE_AFTER_ELEMENTS: float = 5e9
 
 _state: dict[str, Any] = {"eager_elements": 0, "failed": False, "kernels": {}}
@@ -73,30 +73,25 @@ def _q(v: Tensor, q_unstepped: Any, e: Any) -> Tensor:
     return torch.where(v > 0, v.sqrt() + e, q_unstepped)
 
 
-def _store(w: Tensor, v: Tensor, new: Tensor, keep_unstepped: bool) -> None:
-    w.copy_(torch.where(v > 0, new, w) if keep_unstepped else new)
-
-
 # One function (one code object) per penalty: torch.compile caches its graphs per code object, at most 8 each.
-def _fused_l1(w: Tensor, v: Tensor, q_unstepped: Any, e: Any, a: Any, b: Any, keep_unstepped: bool) -> None:
-    _store(w, v, _l1(w, _q(v, q_unstepped, e), a, b), keep_unstepped)
+def _fused_l1(w: Tensor, v: Tensor, q_unstepped: Any, e: Any, a: Any, b: Any) -> None:
+    w.copy_(_l1(w, _q(v, q_unstepped, e), a, b))
 
 
-def _fused_l2(w: Tensor, v: Tensor, q_unstepped: Any, e: Any, a: Any, b: Any, keep_unstepped: bool) -> None:
-    _store(w, v, _l2(w, _q(v, q_unstepped, e), a, b), keep_unstepped)
+def _fused_l2(w: Tensor, v: Tensor, q_unstepped: Any, e: Any, a: Any, b: Any) -> None:
+    w.copy_(_l2(w, _q(v, q_unstepped, e), a, b))
 
 
-def _fused_elastic_net(w: Tensor, v: Tensor, q_unstepped: Any, e: Any, a: Any, b: Any, keep_unstepped: bool) -> None:
-    _store(w, v, _elastic_net(w, _q(v, q_unstepped, e), a, b), keep_unstepped)
+def _fused_elastic_net(w: Tensor, v: Tensor, q_unstepped: Any, e: Any, a: Any, b: Any) -> None:
+    w.copy_(_elastic_net(w, _q(v, q_unstepped, e), a, b))
 
 
-def _fused_l0(w: Tensor, v: Tensor, q_unstepped: Any, e: Any, a: Any, b: Any, keep_unstepped: bool) -> None:
-    _store(w, v, _l0(w, _q(v, q_unstepped, e), a, b), keep_unstepped)
+def _fused_l0(w: Tensor, v: Tensor, q_unstepped: Any, e: Any, a: Any, b: Any) -> None:
+    w.copy_(_l0(w, _q(v, q_unstepped, e), a, b))
 
 
-#: The fused kernels, uncompiled (the formula the compiled kernels run, and what they are tested against):
-#: ``w <- prox_{t R}(w)`` with ``t = C / q``, ``q = sqrt(v) + e`` where ``v > 0``, and ``q_unstepped`` elsewhere, or
-#: ``w`` kept there (``keep_unstepped``).
+#: The fused kernels as torch code (what ``torch.compile`` compiles for accelerators, and the C kernels' formula):
+#: ``w <- prox_{t R}(w)`` with ``t = C / q``, ``q = sqrt(v) + e`` where ``v > 0`` and ``q_unstepped`` elsewhere.
 EAGER: dict[str, Callable[..., None]] = {"l1": _fused_l1, "l2": _fused_l2, "elastic_net": _fused_elastic_net,
                                          "l0": _fused_l0}
 
@@ -124,31 +119,6 @@ def kernel(name: str) -> Callable[..., None]:
     return kernels[name]
 
 
-#: A tensor's ``v`` found free of zeros is checked again after this many steps: a ``v > 0`` stays positive under the
-#: optimizers' updates (``beta2 v + (1 - beta2) g²`` decays to the smallest subnormal at worst, and a sum only grows),
-#: except where subnormals are flushed to zero, or where a user rewrites the state.
-RECHECK_EVERY = 64
-
-_all_stepped_left: dict[int, tuple[weakref.ref, int]] = {}
-
-
-def all_stepped(v: Tensor) -> bool:
-    """Whether every ``v_i > 0`` (CPU, where reading the answer is free), read once every ``RECHECK_EVERY`` calls for
-    the same tensor: between reads the kernel keeps a coordinate whose ``v`` became 0 unchanged (it is not wiped)."""
-    ref, left = _all_stepped_left.get(id(v), (None, 0))
-    if left > 0 and ref is not None and ref() is v:
-        _all_stepped_left[id(v)] = (ref, left - 1)
-        return True
-    if len(_all_stepped_left) > 4096:  # forget tensors that are gone (a new optimizer, a reloaded state)
-        for key in [k for k, (r, _) in _all_stepped_left.items() if r() is None]:
-            del _all_stepped_left[key]
-    if v.min().item() > 0:
-        _all_stepped_left[id(v)] = (weakref.ref(v), RECHECK_EVERY - 1)
-        return True
-    _all_stepped_left.pop(id(v), None)
-    return False
-
-
 def _scalar(x: float | Tensor) -> float | Tensor:
     return float(x) if isinstance(x, Tensor) and x.device.type == "cpu" else x
 
@@ -159,12 +129,9 @@ def fused_prox_(kernel_fn: Callable[..., None], w: Tensor, step: AdaptiveStep, a
     ``v = 0`` the typical step ``C / (sqrt(v̄) + e)``, or ``fallback`` while no coordinate has stepped."""
     c, d = _scalar(step.numerator), _scalar(step.divisor)
     scale, e = c * d, step.eps * d
-    w, v = w.detach().view(-1), step.second_moment.view(-1)
-    if v.device.type == "cpu" and all_stepped(step.second_moment):  # the state tensor itself: the same every step
-        return kernel_fn(w, v, 1.0, e, a * scale, b * scale, True)
     vbar = step.typical()  # 0-d, on v's device: no host sync
     q_unstepped = torch.where(vbar > 0, vbar.sqrt() + e, scale / step.fallback)
-    kernel_fn(w, v, q_unstepped, e, a * scale, b * scale, False)
+    kernel_fn(w.detach().view(-1), step.second_moment.view(-1), q_unstepped, e, a * scale, b * scale)
 
 
 def _fusable(w: Tensor, step: Any) -> bool:
@@ -176,6 +143,33 @@ def _fusable(w: Tensor, step: Any) -> bool:
             and w.is_contiguous() and v.is_contiguous() and not isinstance(step.numerator, Tensor))
 
 
+def _warn_failed(what: str, error: Exception) -> None:
+    _state["failed"] = True
+    warnings.warn(f"lightreg: {what} the fused prox kernel failed ({type(error).__name__}: {error}); the eager step "
+                  "is used from now on", stacklevel=3)
+
+
+def _fused_one(name: str, w: Tensor, step: AdaptiveStep, a: float, b: float) -> bool:
+    """The fused step of one tensor through the backend of its device, once it pays; ``False``: take the eager one."""
+    if w.device.type == "cpu":
+        if not elementwise_kernel.applies(w, step) or _state["eager_elements"] < BUILD_AFTER_ELEMENTS:
+            return False
+        try:
+            elementwise_kernel.elementwise_prox_(name, w, step, a, b)
+        except CompileError as error:  # no C compiler, or it failed: found at the first call
+            _warn_failed("building", error)
+            return False
+        return True
+    if _state["eager_elements"] < COMPILE_AFTER_ELEMENTS:
+        return False
+    try:
+        fused_prox_(kernel(name), w, step, a, b)
+    except Exception as error:  # noqa: BLE001 - a missing compiler shows up here, at the first call
+        _warn_failed("compiling", error)
+        return False
+    return True
+
+
 def apply_prox(penalty: Penalty, tensors: Sequence[Tensor], steps: Step | Sequence[Step], alpha: float) -> None:
     """``w <- prox_{t R}(w)`` for each tensor, as ``penalty.apply_prox_`` does, through the fused kernel where it
     applies (a built-in elementwise penalty, an adaptive optimizer's step, plain contiguous tensors) and pays."""
@@ -183,23 +177,13 @@ def apply_prox(penalty: Penalty, tensors: Sequence[Tensor], steps: Step | Sequen
     if coefficients is None or alpha == 0.0 or _state["failed"]:
         return penalty.apply_prox_(tensors, steps, alpha)
     name, a, b = coefficients
-    compiled = _state["eager_elements"] >= COMPILE_AFTER_ELEMENTS
     for i, w in enumerate(tensors):
         step = steps.metric(steps.params[i])  # type: ignore[union-attr]
         if not _fusable(w, step):
             penalty.prox_(w, step if isinstance(step, (float, int, Tensor)) else step.bounded(), alpha)
-            continue
-        if not compiled:
+        elif _state["failed"] or not _fused_one(name, w, step, a, b):
             _state["eager_elements"] += w.numel()
             penalty.prox_(w, step.bounded(), alpha)  # the reference
-            continue
-        try:
-            fused_prox_(kernel(name), w, step, a, b)
-        except Exception as error:  # noqa: BLE001 - a missing compiler shows up here, at the first call
-            _state["failed"] = True
-            warnings.warn(f"lightreg: compiling the fused prox kernel failed ({type(error).__name__}: {error}); "
-                          "the eager step is used from now on", stacklevel=2)
-            penalty.prox_(w, step.bounded(), alpha)
 
 
 def fused_reference(penalty: Penalty, w: Tensor, step: AdaptiveStep, alpha: float) -> None:
