@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -251,8 +250,8 @@ class Regularizer(Callback):
                             for g, names, ps in stepped]
         if self._target is not None:
             reduction = shard_reduction([p for _, _, ps in stepped for p in ps])
-            self._target.prox_after_step(self._last_step, self.penalty, work, reduction,
-                                         apply=functools.partial(apply_prox, self.penalty))
+            # The eager prox on a selection step: it rounds as the zero levels do, so it zeroes exactly the count.
+            self._target.prox_after_step(self._last_step, self.penalty, work, reduction)
             self.alpha = self._target.alpha
         elif alpha != 0.0 and not joint_prox_(self.penalty, work, alpha):  # the prox at alpha 0 is the identity
             for _, operands, steps, _ in work:
