@@ -163,3 +163,16 @@ def test_adam_through_the_c_kernel_reaches_scikit_learn(monkeypatch, penalty, sk
     x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
     assert_reaches(fit_full_batch(x, y, Regularizer(penalty)), sklearn_optimum(sk, x, y))
     assert len(used) == 700
+
+
+def test_a_kernel_cache_that_others_can_write_is_refused_before_anything_is_loaded(tmp_path, monkeypatch):
+    """A library loaded from the cache runs as the user: a folder others can write is refused (the eager step stays)."""
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    folder.chmod(0o777)
+    monkeypatch.setenv("LIGHTREG_KERNEL_CACHE", str(folder))
+    with pytest.raises(c_kernels.CompileError, match="not private"):
+        c_kernels.load("private_check", "int one(void) { return 1; }")
+    assert list(folder.iterdir()) == []
+    folder.chmod(0o700)
+    assert c_kernels.load("private_check", "int one(void) { return 1; }").one() == 1
