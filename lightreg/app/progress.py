@@ -37,12 +37,33 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
+#: How many of a model's logged metrics a progress line shows when it logs none with ``prog_bar=True``.
+FALLBACK_METRICS = 6
+
+
+def fallback_metrics(logged: dict[str, Any]) -> dict[str, float]:
+    """Up to ``FALLBACK_METRICS`` scalar metrics of ``logged`` (``trainer.callback_metrics``): the model's own first,
+    then lightreg's summaries (``reg/<name>/<metric>``, ``weights/global/...``), never its per-layer ones.
+
+    Example:
+        >>> import torch
+        >>> fallback_metrics({"reg/l1/sparsity": 0.1, "weights/net.0.weight/l1": 2.0, "loss": torch.tensor(0.5)})
+        {'loss': 0.5, 'reg/l1/sparsity': 0.1}
+    """
+    scalars = {k: float(v) for k, v in logged.items()
+               if isinstance(v, (int, float)) or getattr(v, "numel", lambda: 0)() == 1}
+    lightreg = [k for k in scalars if k.startswith(("reg/", "weights/"))]
+    summaries = [k for k in lightreg if (k.startswith("reg/") and k.count("/") == 2) or k.startswith("weights/global/")]
+    keys = [k for k in scalars if k not in lightreg] + summaries
+    return {k: scalars[k] for k in keys[:FALLBACK_METRICS]}
+
+
 class EpochLines(ProgressBar):
     """A progress "bar" that logs one line after every ``every_n_epochs``-th epoch (and the last), on rank zero.
 
     A line reads like the checkpoint it matches: ``epoch=14 step=255  train/loss=0.01  val/acc=0.98  (8.1 s)``
     (epochs counted from 0, as in Lightning's checkpoint names), with the metrics the model logs with
-    ``prog_bar=True``. Lines go through :func:`say`, so Hydra's job log receives them too.
+    ``prog_bar=True``, or, where it logs none that way, the first of those it logs (:func:`fallback_metrics`). Lines go through :func:`say`, so Hydra's job log receives them too.
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
@@ -88,5 +109,7 @@ class EpochLines(ProgressBar):
         if not last and (epoch + 1) % self.every_n_epochs:
             return
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        if not metrics:  # a model that logs nothing with prog_bar=True: what it logs at all, the first few
+            metrics = fallback_metrics(trainer.callback_metrics)
         elapsed = time.perf_counter() - self._start
         say(f"epoch={epoch} step={trainer.global_step}  {format_metrics(metrics)}  ({elapsed:.1f} s)")
