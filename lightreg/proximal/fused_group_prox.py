@@ -19,7 +19,6 @@ selection, the ~1.2 s that compiling takes), and the kernel from then on. Set it
 
 from __future__ import annotations
 
-import subprocess
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightreg.base.c_kernels import CompileError
 from lightreg.penalties.group_lasso import GroupLasso
 from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg.proximal.group_prox_kernel import group_prox_
@@ -78,7 +78,7 @@ def apply_group_prox(penalty: GroupLasso, tensors: Sequence[Tensor], steps: Lazy
             continue
         try:
             fused_group_prox_(penalty, w.detach(), step, alpha)
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as error:  # no compiler, or it failed
+        except CompileError as error:  # no C compiler, or it failed
             _state["failed"] = True
             warnings.warn(f"lightreg: compiling the fused group-lasso prox kernel failed ({type(error).__name__}: "
                           f"{error}); the eager step is used from now on", stacklevel=2)

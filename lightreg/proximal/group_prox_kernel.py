@@ -17,28 +17,21 @@ moves it by at most one rounding unit of ``r``: the convergence is quadratic, so
 of that unit squared (``MAX_NEWTON_STEPS`` bounds the loop against rounding noise). The results equal the
 reference's to rounding once the reference's fixed steps have converged.
 
-The function is plain C99, compiled at first use with the system's C compiler (``$CC``, else ``cc``) into a shared
-library cached by the hash of its source and flags (``-O3 -march=native``; ``-fno-math-errno`` lets ``sqrt``
-vectorise and ``-ffp-contract=off`` keeps every operation rounded as torch rounds it), and called through ``ctypes``,
-which releases the GIL: the groups of a large tensor are split over ``torch.get_num_threads()`` threads.
+The function is plain C99, built and cached by ``lightreg.base.c_kernels`` and called through ``ctypes``, which
+releases the GIL: the groups of a large tensor are split over ``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightreg.base.c_kernels import load
 
 #: Safety bound on Newton's steps per group; a group converges in a few (to one rounding unit).
 MAX_NEWTON_STEPS = 64
@@ -116,36 +109,15 @@ DEFINE_GROUP_PROX(float, group_prox_float, sqrtf, 1.1920929e-07f)
 DEFINE_GROUP_PROX(double, group_prox_double, sqrt, 2.220446049250313e-16)
 """
 
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
 _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _library: dict[str, Any] = {}
 _pool: dict[int, ThreadPoolExecutor] = {}
 
 
-def compiler() -> str:
-    """The C compiler: ``$CC``, else ``cc``; a ``RuntimeError`` when there is none."""
-    name = os.environ.get("CC", "cc")
-    path = shutil.which(name)
-    if path is None:
-        raise RuntimeError(f"no C compiler {name!r} on PATH (set CC)")
-    return path
-
-
 def library() -> Any:
-    """The compiled library (compiled at the first call, cached on disk by the hash of source and flags)."""
+    """The kernels' library, with the functions' signatures set (built at the first call: ``c_kernels.load``)."""
     if "lib" not in _library:
-        cc = compiler()
-        key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, sys.platform]).encode()).hexdigest()[:16]
-        folder = Path(tempfile.gettempdir()) / f"lightreg-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"group_prox_{key}.so"
-        if not target.exists():
-            with tempfile.TemporaryDirectory(dir=folder) as work:  # another process may compile at the same time
-                source, built = Path(work) / "group_prox.c", Path(work) / "group_prox.so"
-                source.write_text(SOURCE)
-                subprocess.run([cc, *FLAGS, str(source), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
-                os.replace(built, target)
-        lib = ctypes.CDLL(str(target))
+        lib = load("group_prox", SOURCE)
         for dtype, c in _CTYPES.items():
             fn = getattr(lib, f"group_prox_{'float' if dtype == torch.float32 else 'double'}")
             fn.restype = ctypes.c_int64
