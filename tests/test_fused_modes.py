@@ -118,8 +118,7 @@ def test_below_the_threshold_the_eager_steps_run_and_are_counted(monkeypatch):
 
 def test_a_missing_compiler_is_reported_once_and_the_eager_steps_continue(monkeypatch):
     monkeypatch.setattr(mode_kernels, "COMPILE_AFTER_ELEMENTS", 0)
-    monkeypatch.setitem(mode_kernels._state, "failed", False)
-    monkeypatch.setitem(mode_kernels._state, "lib", None)
+    monkeypatch.setattr(mode_kernels, "_state", {"eager_elements": 0, "failed": False, "lib": None})
     monkeypatch.setenv("CC", "no-such-compiler-lightreg")
     w, g = _tensors((7, 13), torch.float32)
     expected = g.clone().add_(w.sign(), alpha=0.3)

@@ -83,28 +83,40 @@ _TYPES = {torch.float32: ("float", ctypes.c_float), torch.float64: ("double", ct
 #: kernel -> (tensors it takes: 2 = (g, w), 1 = (w,); whether it runs over rows)
 KERNELS = {"l1_gradient": (2, False), "l1_decay": (1, False), "en_gradient": (2, False), "en_decay": (1, False),
            "group_gradient": (2, True), "group_decay": (1, True)}
-_state: dict[str, Any] = {"eager_elements": 0, "failed": False, "lib": None}
+_state: dict[Any, Any] = {"eager_elements": 0, "failed": False, "lib": None}  # and (kernel, dtype) -> function
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _function(name: str, dtype: torch.dtype) -> Any:
-    if _state["lib"] is None:
-        lib = load("mode_kernels", SOURCE)
-        for kernel, (n_tensors, rows) in KERNELS.items():
-            for suffix, c in _TYPES.values():
-                fn = getattr(lib, f"{kernel}_{suffix}")
-                fn.restype = None
-                fn.argtypes = [ctypes.c_void_p] * n_tensors + [ctypes.c_int64] * (2 if rows else 1) + [c] * (1 if rows else 2)
-        _state["lib"] = lib
-    return getattr(_state["lib"], f"{name}_{_TYPES[dtype][0]}")
+    fn = _state.get((name, dtype))
+    if fn is None:
+        if _state["lib"] is None:
+            lib = load("mode_kernels", SOURCE)
+            for kernel, (n_tensors, rows) in KERNELS.items():
+                for suffix, c in _TYPES.values():
+                    f = getattr(lib, f"{kernel}_{suffix}")
+                    f.restype = None
+                    f.argtypes = [ctypes.c_void_p] * n_tensors + [ctypes.c_int64] * (2 if rows else 1) + [c] * (1 if rows else 2)
+            _state["lib"] = lib
+        fn = _state[(name, dtype)] = getattr(_state["lib"], f"{name}_{_TYPES[dtype][0]}")
+    return fn
 
 
 def _fusable(tensors: tuple[Tensor, ...], rows: bool) -> bool:
+    """Plain, contiguous float32/float64 CPU tensors of one shape and dtype, not aliasing each other (cheap checks:
+    this runs once per tensor and step)."""
     w = tensors[-1]
-    return (all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors) and w.device.type == "cpu"
-            and w.dtype in _TYPES and w.numel() > 0 and (not rows or (w.ndim >= 2 and w.shape[1:].numel() > 1))
-            and all(t.shape == w.shape and t.dtype == w.dtype and t.device == w.device and t.is_contiguous()
-                    for t in tensors)
-            and len({t.data_ptr() for t in tensors}) == len(tensors))
+    if type(w) not in _PLAIN or not w.is_cpu or w.dtype not in _TYPES or not w.is_contiguous() or not w.numel():
+        return False
+    if rows and (w.ndim < 2 or w.numel() == w.shape[0]):
+        return False
+    if len(tensors) == 1:
+        return True
+    g = tensors[0]
+    return (type(g) in _PLAIN and g.is_cpu and g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous()
+            and g.data_ptr() != w.data_ptr())
 
 
 def run_(name: str, tensors: tuple[Tensor, ...], *coefficients: float) -> bool:
