@@ -16,6 +16,7 @@ import torch
 from lightreg import GroupLasso
 import lightreg.proximal.fused_group_prox as fused_group_prox
 import lightreg.proximal.group_prox_kernel as group_prox_kernel
+import lightreg.base.c_kernels as c_kernels
 from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg.proximal.fused_prox import apply_prox
 from lightreg.proximal.metric import LazySteps, metric_rule, step_rule
@@ -127,7 +128,7 @@ def test_the_threads_split_the_groups_without_changing_a_bit(monkeypatch, compil
     try:
         torch.set_num_threads(1)
         _, one = _both(p, opt, 0, alpha)
-        monkeypatch.setattr(group_prox_kernel, "PARALLEL_ELEMENTS", 16)
+        monkeypatch.setattr(c_kernels, "PARALLEL_ELEMENTS", 16)
         torch.set_num_threads(3)  # three ranges, the one that meets the unstepped column first resumes with v̄
         _, three = _both(p, opt, 0, alpha)
     finally:

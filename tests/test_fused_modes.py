@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightreg import L1, L2, ElasticNet, GroupLasso, Regularizer
+import lightreg.base.c_kernels as c_kernels
 import lightreg.penalties.mode_kernels as mode_kernels
 from tests.models import TinyNet, loader, regression_data, trainer
 from tests.oracles import explicit_value
@@ -145,3 +146,22 @@ def test_a_fit_with_the_kernels_equals_the_eager_fit(penalty, mode, kernels, mon
         assert torch.equal(fits[0], fits[1])
     else:
         torch.testing.assert_close(fits[0], fits[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("penalty", [L1(0.3), ElasticNet(0.3, 0.5), GroupLasso(0.3)], ids=repr)
+def test_the_threads_split_the_work_without_changing_a_bit(penalty, kernels, monkeypatch):
+    w, g = _tensors((37, 11), torch.float64)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            monkeypatch.setattr(c_kernels, "PARALLEL_ELEMENTS", 16)
+            got_g, got_w = g.clone(), w.clone()
+            penalty.add_gradient_(got_g, w, 0.3)
+            penalty.decay_(got_w, 0.05, 0.3)
+            results.append((got_g, got_w))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert len(kernels) == 4

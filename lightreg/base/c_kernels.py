@@ -9,6 +9,7 @@ written, so a kernel rounds as the eager torch code it replaces (``fma`` where t
 ``addcmul`` fuse). ``ctypes`` releases the GIL during a call.
 
 A missing or failing compiler raises ``CompileError``; the callers then warn once and keep their eager reference.
+A large tensor's rows are split over ``torch.get_num_threads()`` threads (:func:`split`), as torch's own ops are.
 """
 
 from __future__ import annotations
@@ -20,11 +21,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
+
+import torch
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC")
 
+#: A tensor is split over the threads only from this many elements per thread on (a thread's start costs about that).
+PARALLEL_ELEMENTS = 1 << 16
+
 _loaded: dict[str, ctypes.CDLL] = {}
+_pools: dict[int, ThreadPoolExecutor] = {}
+R = TypeVar("R")
 
 
 class CompileError(RuntimeError):
@@ -75,3 +86,19 @@ def load(name: str, source: str) -> ctypes.CDLL:
         raise CompileError(f"cannot load {target}: {error}") from error
     _loaded[str(target)] = lib
     return lib
+
+
+def split(rows: int, row_size: int, run: Callable[[int, int], R]) -> list[R]:
+    """``run(lo, hi)`` over ranges that cover ``range(rows)``: one per thread (``torch.get_num_threads()``, at most
+    one per ``PARALLEL_ELEMENTS`` elements), run in parallel (a ``ctypes`` call releases the GIL); their results.
+
+    Example:
+        >>> split(10, 1, lambda lo, hi: hi - lo)  # a small tensor: one range
+        [10]
+    """
+    threads = min(torch.get_num_threads(), rows, max(1, rows * row_size // PARALLEL_ELEMENTS))
+    if threads <= 1:
+        return [run(0, rows)]
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    pool = _pools.get(threads) or _pools.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="lightreg"))
+    return list(pool.map(lambda i: run(bounds[i], bounds[i + 1]), range(threads)))

@@ -2,7 +2,7 @@
 
 The eager steps make a temporary (``sign(w)``; ``GroupLasso``: the group norms, then the scale) and pass over the
 weights two or three times. Each kernel here is one loop that reads ``w`` (and ``g``) and writes the result in place,
-for plain, contiguous float32/float64 CPU tensors (anything else, and ``GroupLasso`` other than over the rows of a
+for plain, contiguous float32/float64 CPU tensors (split over ``torch.get_num_threads()`` threads when large) (anything else, and ``GroupLasso`` other than over the rows of a
 tensor of two or more dimensions, keeps the eager code):
 
 ==================  =========================================================================================
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightreg.base.c_kernels import CompileError, load
+from lightreg.base.c_kernels import CompileError, load, split
 
 #: Element-steps taken through the eager gradient/decoupled steps before the kernels are built (see above).
 COMPILE_AFTER_ELEMENTS: float = 3e9
@@ -137,6 +137,10 @@ def run_(name: str, tensors: tuple[Tensor, ...], *coefficients: float) -> bool:
         warnings.warn(f"lightreg: building the one-pass gradient/decoupled kernels failed ({error}); the eager "
                       "steps are used from now on", stacklevel=3)
         return False
-    sizes = (w.shape[0], w[0].numel()) if rows else (w.numel(),)
-    fn(*(t.data_ptr() for t in tensors), *sizes, *coefficients)
+    pointers, size = [t.data_ptr() for t in tensors], w.element_size()
+    if rows:  # whole rows to each thread
+        k = w[0].numel()
+        split(w.shape[0], k, lambda lo, hi: fn(*(p + lo * k * size for p in pointers), hi - lo, k, *coefficients))
+    else:
+        split(w.numel(), 1, lambda lo, hi: fn(*(p + lo * size for p in pointers), hi - lo, *coefficients))
     return True

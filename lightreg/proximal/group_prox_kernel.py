@@ -24,19 +24,16 @@ releases the GIL: the groups of a large tensor are split over ``torch.get_num_th
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightreg.base.c_kernels import load
+from lightreg.base.c_kernels import load, split
 
 #: Safety bound on Newton's steps per group; a group converges in a few (to one rounding unit).
 MAX_NEWTON_STEPS = 64
-#: A tensor is split over the threads only from this size on (a thread's start costs about as much as 64k weights).
-PARALLEL_ELEMENTS = 1 << 16
 
 SOURCE = r"""
 #include <math.h>
@@ -111,7 +108,6 @@ DEFINE_GROUP_PROX(double, group_prox_double, sqrt, 2.220446049250313e-16)
 
 _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _library: dict[str, Any] = {}
-_pool: dict[int, ThreadPoolExecutor] = {}
 
 
 def library() -> Any:
@@ -141,24 +137,20 @@ def group_prox_(w: Tensor, v: Tensor, dim: int, typical: Callable[[], float], nu
     dim %= w.ndim
     A, G, B = torch.Size(w.shape[:dim]).numel(), int(w.shape[dim]), torch.Size(w.shape[dim + 1:]).numel()
     fn = getattr(library(), "group_prox_float" if w.dtype == torch.float32 else "group_prox_double")
-    threads = min(torch.get_num_threads(), G, max(1, w.numel() // PARALLEL_ELEMENTS))
-    bounds = [G * i // threads for i in range(threads + 1)]
-    ranges, vbar = list(zip(bounds[:-1], bounds[1:])), -1.0  # -1: not known yet
+    ranges, vbar = [(0, G)], -1.0  # v̄ = -1: not known yet
 
     def run(lo: int, hi: int) -> int:
         return fn(w.data_ptr(), v.data_ptr(), A, G, B, lo, hi, vbar, numerator, divisor, eps, fallback, lam,
                   MAX_NEWTON_STEPS)
 
     for _ in range(2):  # a second round only with v̄ known, from the groups where the first stopped
-        if len(ranges) == 1:
-            stops = [run(*ranges[0])]
-        else:
-            pool = _pool.get(threads) or _pool.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="lightreg"))
-            stops = list(pool.map(lambda bounds: run(*bounds), ranges))
-        if min(stops) < 0:
-            raise MemoryError(f"the group prox could not allocate two buffers of {A * B} elements")
-        ranges = [(stop, hi) for stop, (_, hi) in zip(stops, ranges) if stop < hi]
-        if not ranges:
+        stopped = []
+        for lo, hi in ranges:
+            parts = split(hi - lo, A * B, lambda a, b: (run(lo + a, lo + b), lo + b))
+            if min(stop for stop, _ in parts) < 0:
+                raise MemoryError(f"the group prox could not allocate two buffers of {A * B} elements")
+            stopped += [(stop, end) for stop, end in parts if stop < end]
+        if not stopped:
             return
-        vbar = max(float(typical()), 0.0)
+        ranges, vbar = stopped, max(float(typical()), 0.0)
     raise AssertionError(f"the group prox stopped at groups {ranges} with v̄ = {vbar}")
