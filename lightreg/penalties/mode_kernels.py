@@ -121,7 +121,14 @@ def _fusable(tensors: tuple[Tensor, ...], rows: bool) -> bool:
 
 def run_(name: str, tensors: tuple[Tensor, ...], *coefficients: float) -> bool:
     """Run kernel ``name`` on ``tensors`` (``(g, w)`` or ``(w,)``, in place on the first) if it applies and has paid;
-    ``False`` if the caller must take its eager step instead (which this counts toward the build)."""
+    ``False`` if the caller must take its eager step instead (which this counts toward the build).
+
+    Example:
+        >>> g, w = torch.zeros(3), torch.tensor([2.0, -1.0, 0.0])
+        >>> ran = run_("l1_gradient", (g, w), 0.5, 0.0) or g.add_(w.sign(), alpha=0.5)  # the kernel, or the eager step
+        >>> g
+        tensor([ 0.5000, -0.5000,  0.0000])
+    """
     n_tensors, rows = KERNELS[name]
     assert len(tensors) == n_tensors
     if _state["failed"] or not _fusable(tensors, rows):

@@ -131,6 +131,12 @@ def group_prox_(w: Tensor, v: Tensor, dim: int, typical: Callable[[], float], nu
     ``typical`` is called only when a group holds an unstepped coordinate (the common case, every ``v_i > 0``, costs
     no extra read of ``v``). ``w`` and ``v``: contiguous CPU tensors of one shape and dtype (float32 or float64);
     ``numerator``, ``divisor`` and ``fallback`` positive.
+
+    Example:
+        >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # v = 1, so t = 1 / (1 + 0) = 1: the closed form 1 - λ / ||w_g||
+        >>> group_prox_(w, torch.ones(2, 2), 0, lambda: 1.0, 1.0, 1.0, 0.0, 1.0, lam=1.0); w
+        tensor([[2.4000, 3.2000],
+                [0.0000, 0.0000]])
     """
     assert w.device.type == "cpu" and w.dtype in _CTYPES and w.is_contiguous() and v.is_contiguous()
     assert v.shape == w.shape and v.dtype == w.dtype and w.ndim >= 1 and numerator > 0 and fallback > 0
