@@ -165,3 +165,13 @@ def test_the_threads_split_the_work_without_changing_a_bit(penalty, kernels, mon
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert len(kernels) == 4
+
+
+def test_a_weight_written_by_a_kernel_is_seen_as_changed_by_autograd(kernels):
+    w = torch.nn.Parameter(torch.randn(5, 7))
+    loss = (w * w).sum()  # saves w for backward
+    with torch.no_grad():
+        L1(0.1).decay_(w, 0.1, 0.1)
+    assert kernels == ["l1_decay"]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from lightreg.base.c_kernels import CompileError, load, split
 
@@ -150,4 +151,5 @@ def run_(name: str, tensors: tuple[Tensor, ...], *coefficients: float) -> bool:
         split(w.shape[0], k, lambda lo, hi: fn(*(p + lo * k * size for p in pointers), hi - lo, k, *coefficients))
     else:
         split(w.numel(), 1, lambda lo, hi: fn(*(p + lo * size for p in pointers), hi - lo, *coefficients))
+    increment_version(tensors[0])  # written through a pointer: autograd must still see that it changed
     return True

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from lightreg.base.c_kernels import load, split
 
@@ -157,6 +158,7 @@ def group_prox_(w: Tensor, v: Tensor, dim: int, typical: Callable[[], float], nu
                 raise MemoryError(f"the group prox could not allocate two buffers of {A * B} elements")
             stopped += [(stop, end) for stop, end in parts if stop < end]
         if not stopped:
+            increment_version(w)  # written through a pointer: autograd must still see that it changed
             return
         ranges, vbar = stopped, max(float(typical()), 0.0)
     raise AssertionError(f"the group prox stopped at groups {ranges} with v̄ = {vbar}")
