@@ -193,3 +193,22 @@ def test_a_missing_compiler_is_reported_once_and_the_eager_step_continues(monkey
         warnings.simplefilter("error")
         reference, out = _both(p, opt, 0, 0.05)  # no second warning
     assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_a_group_met_late_with_an_unstepped_coordinate_resumes_with_the_typical_step(dim):
+    """v > 0 everywhere but in one entry of a middle group: the kernel stops there, takes v̄, and carries on."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(10, 8, generator=g, dtype=torch.float64) * 0.3
+    v = torch.rand(10, 8, generator=g, dtype=torch.float64) * torch.logspace(-4, 0, 8, dtype=torch.float64)
+    v[7, 5] = 0.0
+    step = AdaptiveStep(0.1, v, 0.5, 1e-8, 0.1)
+    alpha = _alpha(w, step.bounded(), dim)
+    reference = w.clone()
+    GroupLasso(alpha, dim=dim).prox_(reference, step.bounded(), alpha)
+    asked = []
+    out = w.clone()
+    group_prox_kernel.group_prox_(out, v, dim, lambda: asked.append(1) or float(step.typical()), 0.1, 0.5, 1e-8, 0.1,
+                                  alpha * math.sqrt(w.numel() / w.shape[dim]))
+    assert asked == [1]
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-15)
