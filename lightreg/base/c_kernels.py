@@ -57,6 +57,13 @@ def cache_folder() -> Path:
     return Path(tempfile.gettempdir()) / f"lightreg-kernels-{user}"
 
 
+def library_path(name: str, source: str) -> Path:
+    """Where the library built from ``source`` is cached (by the hash of the source, the compiler and the flags)."""
+    cc = compiler()
+    key = hashlib.sha256("\0".join([source, cc, *FLAGS, sys.platform]).encode()).hexdigest()[:16]
+    return cache_folder() / f"{name}_{key}.so"
+
+
 def load(name: str, source: str) -> ctypes.CDLL:
     """The library built from ``source`` (built at the first call in any process, then loaded from the disk cache).
 
@@ -66,9 +73,8 @@ def load(name: str, source: str) -> ctypes.CDLL:
         >>> lib.add(1.5, 2.0)
         3.5
     """
+    target = library_path(name, source)
     cc = compiler()
-    key = hashlib.sha256("\0".join([source, cc, *FLAGS, sys.platform]).encode()).hexdigest()[:16]
-    target = cache_folder() / f"{name}_{key}.so"
     if str(target) in _loaded:
         return _loaded[str(target)]
     if not target.exists():
