@@ -63,7 +63,7 @@ def compiled(monkeypatch):
     """The kernel from the first step on, and a record of the tensors it handled."""
     calls = []
     kernel = fused_group_prox.fused_group_prox_
-    monkeypatch.setattr(fused_group_prox, "COMPILE_AFTER_ELEMENTS", 0)
+    monkeypatch.setattr(fused_group_prox, "BUILD_AFTER_ELEMENTS", 0)
     monkeypatch.setitem(fused_group_prox._state, "failed", False)
     monkeypatch.setattr(fused_group_prox, "fused_group_prox_", lambda *a: calls.append(a[1].shape) or kernel(*a))
     return calls
@@ -137,7 +137,7 @@ def test_the_threads_split_the_groups_without_changing_a_bit(monkeypatch, compil
 
 
 def test_below_the_threshold_the_eager_reference_runs_bit_for_bit(monkeypatch):
-    monkeypatch.setattr(fused_group_prox, "COMPILE_AFTER_ELEMENTS", 100)  # two steps of a 60-element tensor
+    monkeypatch.setattr(fused_group_prox, "BUILD_AFTER_ELEMENTS", 100)  # two steps of a 60-element tensor
     monkeypatch.setitem(fused_group_prox._state, "eager_elements", 0)
     monkeypatch.setitem(fused_group_prox._state, "failed", False)
     calls = []
@@ -180,7 +180,7 @@ def test_a_zero_learning_rate_leaves_every_weight_alone(compiled):
 
 
 def test_a_missing_compiler_is_reported_once_and_the_eager_step_continues(monkeypatch):
-    monkeypatch.setattr(fused_group_prox, "COMPILE_AFTER_ELEMENTS", 0)
+    monkeypatch.setattr(fused_group_prox, "BUILD_AFTER_ELEMENTS", 0)
     monkeypatch.setitem(fused_group_prox._state, "failed", False)
     monkeypatch.setattr(group_prox_kernel, "_library", {})
     monkeypatch.setenv("CC", "no-such-compiler-lightreg")

@@ -34,7 +34,7 @@ def _tensors(shape, dtype, seed=0):
 
 @pytest.fixture
 def kernels(monkeypatch):
-    monkeypatch.setattr(mode_kernels, "COMPILE_AFTER_ELEMENTS", 0)
+    monkeypatch.setattr(mode_kernels, "BUILD_AFTER_ELEMENTS", 0)
     monkeypatch.setitem(mode_kernels._state, "failed", False)
     calls = []
     run = mode_kernels.run_
@@ -51,7 +51,7 @@ def kernels(monkeypatch):
 
 def _eager(monkeypatch_context, fn):
     with monkeypatch_context() as m:
-        m.setattr(mode_kernels, "COMPILE_AFTER_ELEMENTS", float("inf"))
+        m.setattr(mode_kernels, "BUILD_AFTER_ELEMENTS", float("inf"))
         fn()
 
 
@@ -109,7 +109,7 @@ def test_what_the_kernels_do_not_take_runs_the_eager_step(kernels):
 
 
 def test_below_the_threshold_the_eager_steps_run_and_are_counted(monkeypatch):
-    monkeypatch.setattr(mode_kernels, "COMPILE_AFTER_ELEMENTS", 150)
+    monkeypatch.setattr(mode_kernels, "BUILD_AFTER_ELEMENTS", 150)
     monkeypatch.setitem(mode_kernels._state, "eager_elements", 0)
     monkeypatch.setitem(mode_kernels._state, "failed", False)
     w, g = _tensors((7, 13), torch.float32)
@@ -118,7 +118,7 @@ def test_below_the_threshold_the_eager_steps_run_and_are_counted(monkeypatch):
 
 
 def test_a_missing_compiler_is_reported_once_and_the_eager_steps_continue(monkeypatch):
-    monkeypatch.setattr(mode_kernels, "COMPILE_AFTER_ELEMENTS", 0)
+    monkeypatch.setattr(mode_kernels, "BUILD_AFTER_ELEMENTS", 0)
     monkeypatch.setattr(mode_kernels, "_state", {"eager_elements": 0, "failed": False, "lib": None})
     monkeypatch.setenv("CC", "no-such-compiler-lightreg")
     w, g = _tensors((7, 13), torch.float32)
@@ -136,7 +136,7 @@ def test_a_missing_compiler_is_reported_once_and_the_eager_steps_continue(monkey
 def test_a_fit_with_the_kernels_equals_the_eager_fit(penalty, mode, kernels, monkeypatch):
     fits = []
     for compile_after in (float("inf"), 0):
-        monkeypatch.setattr(mode_kernels, "COMPILE_AFTER_ELEMENTS", compile_after)
+        monkeypatch.setattr(mode_kernels, "BUILD_AFTER_ELEMENTS", compile_after)
         model = TinyNet(optimizer="adam", lr=0.01, dtype=torch.float32)
         x, y = regression_data(dtype=torch.float32)
         trainer(max_epochs=2, callbacks=[Regularizer(penalty, mode=mode)]).fit(model, loader(x, y, 16))

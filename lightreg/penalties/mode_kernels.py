@@ -16,11 +16,11 @@ tensor of two or more dimensions, keeps the eager code):
 
 The elementwise ones round exactly as the eager code does (bit for bit, tested: ``sign(w) * a`` is exact, and
 torch's ``add(alpha=)`` is one ``fma`` on this build); the group ones take the row's norm in the row's own order
-while it is in cache, so they equal the eager code to rounding. Built by ``lightreg.base.c_kernels`` (about 1 s,
-cached on disk) once the process has taken ``COMPILE_AFTER_ELEMENTS`` element-steps through the eager code
-(the ski-rental rule of ``lightreg.proximal.fused_prox``: the kernels save about 0.3 ns per element and step on
-one CPU core, so about 3e9 element-steps pay for the build). 0 builds at the first step, ``math.inf`` never.
-A compiler that fails is reported once, and the eager code continues.
+while it is in cache, so they equal the eager code to rounding. Built by ``lightreg.base.c_kernels`` at the first step (about 1 s, once per machine: the library is cached on disk),
+as the prox kernels are (``lightreg.proximal.fused_prox``), so that a run takes the same steps whether it started
+fresh or resumed, and on every rank. ``BUILD_AFTER_ELEMENTS`` (0) delays the build until that many element-steps
+have gone through the eager steps (they save about 0.3 ns per element and step on one CPU core); ``math.inf`` never
+builds. A compiler that fails is reported once, and the eager code continues.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch.autograd.graph import increment_version
 from lightreg.base.c_kernels import CompileError, load, split
 
 #: Element-steps taken through the eager gradient/decoupled steps before the kernels are built (see above).
-COMPILE_AFTER_ELEMENTS: float = 3e9
+BUILD_AFTER_ELEMENTS: float = 0
 
 SOURCE = r"""
 #include <math.h>
@@ -134,7 +134,7 @@ def run_(name: str, tensors: tuple[Tensor, ...], *coefficients: float) -> bool:
     assert len(tensors) == n_tensors
     if _state["failed"] or not _fusable(tensors, rows):
         return False
-    if _state["eager_elements"] < COMPILE_AFTER_ELEMENTS:
+    if _state["eager_elements"] < BUILD_AFTER_ELEMENTS:
         _state["eager_elements"] += tensors[-1].numel()
         return False
     w = tensors[-1]

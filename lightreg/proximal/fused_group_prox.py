@@ -9,12 +9,13 @@ the plain ``lr``, never a per-coordinate step: that path is the eager one), an a
 float64 CPU tensors. Anything else (a sharded ``DTensor`` parameter, 16-bit weights, an accelerator, a float step)
 takes the eager reference, as before.
 
-The ski-rental rule of ``lightreg.proximal.fused_prox``, with this kernel's own figures: compiling it takes about
-1 s (a C compiler on one core; then cached on disk), and it saves about 6 ns per element and step against the eager
-reference (23.4 against 3-4 ms for 3.1 M weights with Adam, ``scripts/bench.py``). So the eager reference runs until
-the process has taken ``COMPILE_AFTER_ELEMENTS = 2e8`` element-steps through it (about 60 steps of a 3 M-weight
-selection, the ~1.2 s that compiling takes), and the kernel from then on. Set it to 0 to compile at the first step,
-``math.inf`` never to. If compiling fails (no C compiler), lightreg warns once and keeps the eager reference.
+Built as the elementwise kernels are (``lightreg.proximal.fused_prox``): at the first step, with the system's C
+compiler (about 1 s, once per machine: the library is cached on disk), so that a run takes the same steps whether it
+started fresh or resumed from a checkpoint, and on every rank. It saves about 6 ns per element and step against the
+eager reference (23.4 against 4-5 ms for 3.1 M weights with Adam, ``scripts/bench.py``), so even a build that is
+not cached pays for itself within about 60 steps of a 3 M-weight selection. ``BUILD_AFTER_ELEMENTS`` (0) delays
+the build until that many element-steps have gone through the eager reference; ``math.inf`` never builds. If
+building fails (no C compiler), lightreg warns once and keeps the eager reference.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg.proximal.group_prox_kernel import group_prox_
 from lightreg.proximal.metric import LazySteps
 
-#: Element-steps taken through the eager preconditioned group prox before the kernel is compiled (see above).
-COMPILE_AFTER_ELEMENTS: float = 2e8
+#: Element-steps taken through the eager preconditioned group prox before the kernel is built (see above).
+BUILD_AFTER_ELEMENTS: float = 0
 
 _state: dict[str, Any] = {"eager_elements": 0, "failed": False}
 
@@ -66,7 +67,7 @@ def apply_group_prox(penalty: GroupLasso, tensors: Sequence[Tensor], steps: Lazy
     fused kernel where it applies and pays (see the module's docstring)."""
     if alpha == 0.0 or _state["failed"]:
         return penalty.apply_prox_(tensors, steps, alpha)
-    compiled = _state["eager_elements"] >= COMPILE_AFTER_ELEMENTS
+    compiled = _state["eager_elements"] >= BUILD_AFTER_ELEMENTS
     for i, w in enumerate(tensors):
         step = steps.metric(steps.params[i])  # type: ignore[misc]
         if not _fusable(w, step):
