@@ -52,9 +52,22 @@ def compiler() -> str:
 
 
 def cache_folder() -> Path:
-    """Where the built libraries are kept: a per-user folder in the temporary directory."""
-    user = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"lightreg-kernels-{user}"
+    """Where the built libraries are kept: ``$LIGHTREG_KERNEL_CACHE``, else ``lightreg/kernels`` in the user's cache
+    folder (``$XDG_CACHE_HOME``, else ``~/.cache``): private to the user, and kept across reboots."""
+    if os.environ.get("LIGHTREG_KERNEL_CACHE"):
+        return Path(os.environ["LIGHTREG_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightreg" / "kernels"
+
+
+def private_folder(folder: Path) -> Path:
+    """``folder``, made if missing (readable by its owner only), checked to be the user's own and writable by no one
+    else: a library loaded from it runs as the user, so nobody else may have placed it there."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        raise CompileError(f"the kernel cache {folder} is not private (owner uid {info.st_uid}, mode "
+                           f"{oct(info.st_mode & 0o777)}); set LIGHTREG_KERNEL_CACHE to a folder of your own")
+    return folder
 
 
 def library_path(name: str, source: str) -> Path:
@@ -77,8 +90,8 @@ def load(name: str, source: str) -> ctypes.CDLL:
     cc = compiler()
     if str(target) in _loaded:
         return _loaded[str(target)]
+    private_folder(target.parent)
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as work:  # other processes may build it at the same time
             src, built = Path(work) / f"{name}.c", Path(work) / f"{name}.so"
             src.write_text(source)
