@@ -58,7 +58,7 @@ def _lazy(opt, params):
     return LazySteps(step_rule(opt, group), params, metric_rule(opt, group))
 
 
-@pytest.mark.parametrize("penalty", PENALTIES + [GroupLasso(0.3)], ids=repr)
+@pytest.mark.parametrize("penalty", PENALTIES, ids=repr)  # GroupLasso: tests/test_fused_group_prox.py (own kernel)
 def test_below_the_threshold_apply_prox_is_the_eager_reference_bit_for_bit(penalty, monkeypatch):
     monkeypatch.setattr(fused_prox, "BUILD_AFTER_ELEMENTS", 1e6)
     monkeypatch.setitem(fused_prox._state, "eager_elements", 0)

@@ -15,6 +15,7 @@ from torch import Tensor
 from lightreg.base.checks import check_real
 from lightreg.base.dtypes import accumulation_dtype
 from lightreg.penalties.contract import Penalty, Step
+from lightreg.penalties.mode_kernels import run_
 
 
 def use_foreach(tensors: Sequence[Tensor]) -> bool:
@@ -121,10 +122,12 @@ class L1(Penalty):
         return w.abs().div_(step).reshape(-1)  # |w| <= step * alpha
 
     def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
-        g.add_(w.sign(), alpha=alpha)
+        if not run_("l1_gradient", (g, w), alpha, 0.0):  # one pass (mode_kernels), once it pays
+            g.add_(w.sign(), alpha=alpha)
 
     def decay_(self, w: Tensor, step: float, alpha: float) -> None:
-        w.sub_(w.sign(), alpha=step * alpha)
+        if not run_("l1_decay", (w,), step * alpha, 0.0):
+            w.sub_(w.sign(), alpha=step * alpha)
 
     def prox_(self, w: Tensor, step: Step, alpha: float) -> None:
         soft_threshold_(w, step, scale=alpha)
@@ -261,11 +264,14 @@ class ElasticNet(Penalty):
         return w.abs().div_(step).div_(self.l1_ratio).reshape(-1)  # |w| <= step * alpha * rho
 
     def add_gradient_(self, g: Tensor, w: Tensor, alpha: float) -> None:
-        g.add_(w.sign(), alpha=alpha * self.l1_ratio).add_(w, alpha=alpha * (1.0 - self.l1_ratio))
+        if not run_("en_gradient", (g, w), alpha * self.l1_ratio, alpha * (1.0 - self.l1_ratio)):
+            g.add_(w.sign(), alpha=alpha * self.l1_ratio).add_(w, alpha=alpha * (1.0 - self.l1_ratio))
 
     def decay_(self, w: Tensor, step: float, alpha: float) -> None:
         # sign(w) is taken before w moves; scaling by a positive factor first would not change it.
         s, rho = step * alpha, self.l1_ratio
+        if run_("en_decay", (w,), s * rho, 1.0 - s * (1.0 - rho)):
+            return
         sign = w.sign()
         w.mul_(1.0 - s * (1.0 - rho)).sub_(sign, alpha=s * rho)
 

@@ -41,6 +41,7 @@ from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg.penalties.elastic_net import L1, L2, ElasticNet
 from lightreg.penalties.l0 import L0
 from lightreg.penalties.contract import Penalty, Step
+from lightreg.proximal import fused_group_prox
 from lightreg.proximal.metric import LazySteps
 
 #: Element-steps taken through the eager preconditioned prox before the C kernels are built (CPU; see above).
@@ -173,6 +174,8 @@ def _fused_one(name: str, w: Tensor, step: AdaptiveStep, a: float, b: float) -> 
 def apply_prox(penalty: Penalty, tensors: Sequence[Tensor], steps: Step | Sequence[Step], alpha: float) -> None:
     """``w <- prox_{t R}(w)`` for each tensor, as ``penalty.apply_prox_`` does, through the fused kernel where it
     applies (a built-in elementwise penalty, an adaptive optimizer's step, plain contiguous tensors) and pays."""
+    if fused_group_prox.applies(penalty, steps):  # GroupLasso: its own kernel (lightreg.proximal.fused_group_prox)
+        return fused_group_prox.apply_group_prox(penalty, tensors, steps, alpha)  # type: ignore[arg-type]
     coefficients = _coefficients(penalty, alpha) if isinstance(steps, LazySteps) and steps.metric is not None else None
     if coefficients is None or alpha == 0.0 or _state["failed"]:
         return penalty.apply_prox_(tensors, steps, alpha)
