@@ -25,8 +25,8 @@ ratios stable on shared cores. ``--clock wall --threads 2`` measures wall time o
 
 The tables lead with the DEFAULT configuration, ``Regularizer(penalty)`` (proximal, preconditioned), per optimizer:
 Adam (every configuration) and SGD with momentum 0.9 (a second fit: the defaults, the hand-written penalty and the
-floor). The fused prox kernels are compiled before the timed steps, as a long fit compiles them
-(``lightreg.proximal.fused_prox``); ``l1/proximal_eager`` is the same default on a short run, before compiling pays.
+floor). The fused kernels are built before the timed steps (a fit builds them at its first step)
+(``lightreg.proximal.fused_prox``); ``l1/proximal_eager`` is the same default without them (no C compiler).
 
 Run ``python scripts/bench.py`` (a few minutes), ``--quick`` for a smoke run, ``--json out.json``.
 """
@@ -57,7 +57,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightreg.proximal.fused_prox as fused_prox
-from lightreg.proximal import elementwise_kernel
+import lightreg.penalties.mode_kernels as mode_kernels
+import lightreg.proximal.fused_group_prox as fused_group_prox
+from lightreg.proximal import elementwise_kernel, group_prox_kernel
 from lightreg.proximal.adaptive_step import AdaptiveStep
 from lightreg import L0, L1, L2, ElasticNet, GroupLasso, Regularizer, WeightMonitor
 from lightreg.model.selection import select_parameters
@@ -88,17 +90,24 @@ def default_rows() -> list[str]:
     return [f"{p}/proximal" for p in PENALTIES]
 
 
+#: The switches of every fused kernel: (module, threshold name). The eager rows set them all to inf.
+KERNEL_SWITCHES = ((fused_prox, "BUILD_AFTER_ELEMENTS"), (fused_prox, "COMPILE_AFTER_ELEMENTS"),
+                   (fused_group_prox, "BUILD_AFTER_ELEMENTS"), (mode_kernels, "BUILD_AFTER_ELEMENTS"))
+
+
 class EagerRegularizer(Regularizer):
-    """The default Regularizer before the fused kernels are built: the eager reference, what a short run costs."""
+    """The default Regularizer with no fused kernel: the eager reference (what a machine without a C compiler runs)."""
 
     @torch.no_grad()
     def apply_proximal(self, optimizer: torch.optim.Optimizer, alpha: float) -> None:
-        saved = fused_prox.BUILD_AFTER_ELEMENTS, fused_prox.COMPILE_AFTER_ELEMENTS
-        fused_prox.BUILD_AFTER_ELEMENTS = fused_prox.COMPILE_AFTER_ELEMENTS = float("inf")
+        saved = [getattr(module, name) for module, name in KERNEL_SWITCHES]
+        for module, name in KERNEL_SWITCHES:
+            setattr(module, name, float("inf"))
         try:
             super().apply_proximal(optimizer, alpha)
         finally:
-            fused_prox.BUILD_AFTER_ELEMENTS, fused_prox.COMPILE_AFTER_ELEMENTS = saved
+            for (module, name), value in zip(KERNEL_SWITCHES, saved):
+                setattr(module, name, value)
 #: Scalar bookkeeping tensors (a step count, an lr) that the memory target does not count.
 SLACK_BYTES = 1024
 #: The k-th level's radix selection: a histogram of 65537 int64 counters, and bincount's own output on CPU.
@@ -414,9 +423,10 @@ def run_fit(model_name: str, configs: dict[str, Any], args: argparse.Namespace) 
 def compile_kernels(device: str) -> None:
     """Build the fused prox kernels before the fits, as a long fit would have: the C kernels on the CPU (about 1 s),
     ``torch.compile`` of both variants on an accelerator (seconds each)."""
-    fused_prox.BUILD_AFTER_ELEMENTS = fused_prox.COMPILE_AFTER_ELEMENTS = 0
-    if device == "cpu":
-        elementwise_kernel.library()
+    for module, name in KERNEL_SWITCHES:
+        setattr(module, name, 0)
+    if device == "cpu":  # the C kernels: built once per machine, then loaded
+        elementwise_kernel.library(), group_prox_kernel.library()
         return
     for name in fused_prox.EAGER:
         for size in (4096, 4099):  # dynamic shapes: one graph for every size, odd ones included
@@ -568,7 +578,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
     p.add_argument("--optimizers", default="adam,sgd", help="adam (every configuration), sgd (momentum 0.9: the defaults)")
-    p.add_argument("--eager", action="store_true", help="do not compile the fused prox kernels (what a short run does)")
+    p.add_argument("--eager", action="store_true", help="no fused kernels: the eager reference everywhere (a machine without a C compiler)")
     args = p.parse_args(argv)
     args.cycles = args.cycles or (2 if args.quick else 30)
     args.clock = args.clock or ("cpu" if args.device == "cpu" and (args.threads or 1) == 1 else "wall")
@@ -602,7 +612,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "optimizers": [OPTIMIZERS[o][0] for o in args.optimizers.split(",")],
            "fused_kernels": "eager (--eager)" if args.eager else "built before the fit (C on the CPU, torch.compile on an accelerator)"}
     results: dict[str, Any] = {"env": env, "models": {}}
-    if not args.eager:
+    if args.eager:
+        for module, name in KERNEL_SWITCHES:
+            setattr(module, name, float("inf"))
+    else:
         start = time.perf_counter()
         compile_kernels(args.device)
         env["compile_s"] = round(time.perf_counter() - start, 1)
