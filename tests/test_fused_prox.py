@@ -116,6 +116,24 @@ def test_the_c_kernel_equals_the_eager_reference(penalty, dtype, dead, monkeypat
     assert torch.equal(split, fused)
 
 
+@pytest.mark.parametrize("penalty", PENALTIES, ids=repr)
+def test_non_finite_weights_come_out_as_the_eager_step_leaves_them(penalty):
+    """A NaN weight stays NaN (divergence stays visible), an infinite one stays infinite, in the C kernel and in the
+    torch formula (an accelerator's kernel), as in the eager step."""
+    p, opt = _adam_after_steps(torch.float32, size=(6, 5))
+    with torch.no_grad():
+        p.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    step = metric_rule(opt, opt.param_groups[0])(p)
+    eager, fused, formula = p.detach().clone(), p.detach().clone(), p.detach().clone()
+    penalty.prox_(eager, step.bounded(), penalty.alpha)
+    name, a, b = fused_prox._coefficients(penalty, penalty.alpha)
+    elementwise_kernel.elementwise_prox_(name, fused, step, a, b)
+    fused_reference(penalty, formula, step, penalty.alpha)
+    assert eager.view(-1)[0].isnan() and not eager.view(-1)[1:3].isnan().any()
+    for out in (fused, formula):
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_the_c_kernel_gives_an_unstepped_coordinate_the_typical_step_and_leaves_the_rest_to_the_optimizers():
     """v = 0 on one coordinate: that coordinate takes t = c / (sqrt(v̄) / d + eps), v̄ the mean of the positive v
     (computed here by hand); every other coordinate takes its own t; nothing stepped at all: the plain fallback."""
@@ -176,3 +194,29 @@ def test_a_kernel_cache_that_others_can_write_is_refused_before_anything_is_load
     assert list(folder.iterdir()) == []
     folder.chmod(0o700)
     assert c_kernels.load("private_check", "int one(void) { return 1; }").one() == 1
+
+
+@pytest.mark.parametrize("where", ["a_file", "unwritable"])
+def test_a_kernel_cache_that_cannot_be_made_is_a_compile_error_not_a_crash(tmp_path, monkeypatch, where):
+    """LIGHTREG_KERNEL_CACHE on a file, or under one: CompileError (the callers warn once and keep the eager step)."""
+    (tmp_path / "f").write_text("")
+    monkeypatch.setenv("LIGHTREG_KERNEL_CACHE", str(tmp_path / "f" if where == "a_file" else tmp_path / "f" / "k"))
+    with pytest.raises(c_kernels.CompileError, match="cannot use the kernel cache"):
+        c_kernels.load("cache_check", "int one(void) { return 1; }")
+
+
+def test_an_unusable_default_cache_falls_back_to_a_private_temporary_folder(tmp_path, monkeypatch):
+    """A read-only or missing home (a container run as another user): the per-user folder in the temp directory."""
+    monkeypatch.delenv("LIGHTREG_KERNEL_CACHE", raising=False)
+    (tmp_path / "home").write_text("")  # $XDG_CACHE_HOME/lightreg cannot be made under a file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(c_kernels, "_fallback_folder", lambda: tmp_path / "tmp-kernels")
+    assert c_kernels.load("fallback_check", "int two(void) { return 2; }").two() == 2
+    assert [p.name.split("_")[0] for p in (tmp_path / "tmp-kernels").iterdir()] == ["fallback"]
+
+
+def test_the_cache_key_names_the_cpu_a_library_was_built_for(monkeypatch):
+    """Built with -march=native: a library from another CPU (a home shared between machines) is not loaded."""
+    here = c_kernels.library_path("x", "int f(void) { return 0; }")
+    monkeypatch.setattr(c_kernels, "machine", lambda: "another cpu")
+    assert c_kernels.library_path("x", "int f(void) { return 0; }") != here

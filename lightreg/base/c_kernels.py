@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -59,22 +60,64 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightreg" / "kernels"
 
 
+def _fallback_folder() -> Path:
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"lightreg-kernels-{user}"
+
+
 def private_folder(folder: Path) -> Path:
     """``folder``, made if missing (readable by its owner only), checked to be the user's own and writable by no one
     else: a library loaded from it runs as the user, so nobody else may have placed it there."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError as error:  # read-only home, a file in the way, /proc...
+        raise CompileError(f"cannot use the kernel cache {folder} ({error}); set LIGHTREG_KERNEL_CACHE") from error
     if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
         raise CompileError(f"the kernel cache {folder} is not private (owner uid {info.st_uid}, mode "
                            f"{oct(info.st_mode & 0o777)}); set LIGHTREG_KERNEL_CACHE to a folder of your own")
     return folder
 
 
-def library_path(name: str, source: str) -> Path:
-    """Where the library built from ``source`` is cached (by the hash of the source, the compiler and the flags)."""
+def usable_cache_folder() -> Path:
+    """:func:`cache_folder`, private; where the default one cannot be used (a read-only home in a container), a
+    private per-user folder in the temporary directory instead. A ``$LIGHTREG_KERNEL_CACHE`` is used as given."""
+    try:
+        return private_folder(cache_folder())
+    except CompileError:
+        if os.environ.get("LIGHTREG_KERNEL_CACHE"):
+            raise
+        return private_folder(_fallback_folder())
+
+
+def machine() -> str:
+    """What the built code depends on besides its source: the platform and the CPU's instruction sets (the libraries
+    are built with ``-march=native``, so one built on another CPU, through a shared home, must not be loaded)."""
+    flags = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith(("flags", "Features"))), flags)
+    except OSError:
+        pass
+    return "\0".join([sys.platform, platform.machine(), flags])
+
+
+def library_path(name: str, source: str, folder: Path | None = None) -> Path:
+    """The file of the library built from ``source``: by the hash of the source, the compiler, the flags and the
+    machine (:func:`machine`)."""
     cc = compiler()
-    key = hashlib.sha256("\0".join([source, cc, *FLAGS, sys.platform]).encode()).hexdigest()[:16]
-    return cache_folder() / f"{name}_{key}.so"
+    key = hashlib.sha256("\0".join([source, cc, *FLAGS, machine()]).encode()).hexdigest()[:16]
+    return (folder or cache_folder()) / f"{name}_{key}.so"
+
+
+def _build(cc: str, name: str, source: str, target: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:  # other processes may build it at the same time
+        src, built = Path(work) / f"{name}.c", Path(work) / f"{name}.so"
+        src.write_text(source)
+        done = subprocess.run([cc, *FLAGS, str(src), "-o", str(built), "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CompileError(f"{cc} failed on {name}: {done.stderr.strip()[-2000:]}")
+        os.replace(built, target)
 
 
 def load(name: str, source: str) -> ctypes.CDLL:
@@ -86,19 +129,15 @@ def load(name: str, source: str) -> ctypes.CDLL:
         >>> lib.add(1.5, 2.0)
         3.5
     """
-    target = library_path(name, source)
     cc = compiler()
+    target = library_path(name, source, usable_cache_folder())
     if str(target) in _loaded:
         return _loaded[str(target)]
-    private_folder(target.parent)
     if not target.exists():
-        with tempfile.TemporaryDirectory(dir=target.parent) as work:  # other processes may build it at the same time
-            src, built = Path(work) / f"{name}.c", Path(work) / f"{name}.so"
-            src.write_text(source)
-            done = subprocess.run([cc, *FLAGS, str(src), "-o", str(built), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise CompileError(f"{cc} failed on {name}: {done.stderr.strip()[-2000:]}")
-            os.replace(built, target)
+        try:
+            _build(cc, name, source, target)
+        except OSError as error:  # a full disk, a compiler that cannot run
+            raise CompileError(f"building {name} in {target.parent} failed: {error}") from error
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as error:

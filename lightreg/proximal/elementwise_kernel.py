@@ -61,10 +61,11 @@ int64_t NAME##_##S(T *w, const T *v, int64_t lo, int64_t hi, T e, T a, T b, T qu
     return kept;                                                                                             \
 }
 
-#define L1_NEW(FABS, COPYSIGN) (FABS(x) > a / q ? x - COPYSIGN(a / q, x) : 0)
+/* Written "zero where ... <= ..., else": a NaN weight fails the comparison and stays NaN, as in the eager step. */
+#define L1_NEW(FABS, COPYSIGN) (FABS(x) <= a / q ? 0 : x - COPYSIGN(a / q, x))
 #define L2_NEW(FABS, COPYSIGN) (x * q / (q + b))
-#define EN_NEW(FABS, COPYSIGN) (FABS(x) * q > a ? COPYSIGN(FABS(x) * q - a, x) / (q + b) : 0)
-#define L0_NEW(FABS, COPYSIGN) (x * x * q > 2 * a ? x : 0)
+#define EN_NEW(FABS, COPYSIGN) (FABS(x) * q <= a ? 0 : COPYSIGN(FABS(x) * q - a, x) / (q + b))
+#define L0_NEW(FABS, COPYSIGN) (x * x * q <= 2 * a ? 0 : x)
 
 #define DEFINE_ALL(T, S, SQRT, FABS, COPYSIGN)                                                               \
     DEFINE_PROX(T, S, l1, SQRT, FABS, COPYSIGN, L1_NEW(FABS, COPYSIGN))                                      \

@@ -54,7 +54,7 @@ _state: dict[str, Any] = {"eager_elements": 0, "failed": False, "kernels": {}}
 
 def _l1(w: Tensor, q: Any, a: Any, b: Any) -> Tensor:
     s = a / q  # the threshold a * t
-    return torch.where(w.abs() > s, w - s.copysign(w), 0.0)
+    return torch.where(w.abs() <= s, 0.0, w - s.copysign(w))  # "<=": a NaN weight stays NaN, as in the eager step
 
 
 def _l2(w: Tensor, q: Any, a: Any, b: Any) -> Tensor:
@@ -63,11 +63,11 @@ def _l2(w: Tensor, q: Any, a: Any, b: Any) -> Tensor:
 
 def _elastic_net(w: Tensor, q: Any, a: Any, b: Any) -> Tensor:
     wq = w.abs() * q  # soft(w, a t) / (1 + b t) = sign(w) (|w| q - a)_+ / (q + b): one division
-    return torch.where(wq > a, (wq - a).copysign(w) / (q + b), 0.0)
+    return torch.where(wq <= a, 0.0, (wq - a).copysign(w) / (q + b))
 
 
 def _l0(w: Tensor, q: Any, a: Any, b: Any) -> Tensor:
-    return torch.where(w * w * q > 2.0 * a, w, 0.0)  # w² / t > 2 alpha, as L0.prox_ compares
+    return torch.where(w * w * q <= 2.0 * a, 0.0, w)  # w² / t > 2 alpha, as L0.prox_ compares
 
 
 def _q(v: Tensor, q_unstepped: Any, e: Any) -> Tensor:
