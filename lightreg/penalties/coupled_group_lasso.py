@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -161,6 +162,17 @@ class CoupledGroupLasso(Penalty):
         if not families:
             return torch.zeros(0)
         return torch.cat([FamilyView(f, step_of(f)).zero_levels() for f in families])
+
+    def groups_to_zero(self, levels: Tensor, fraction: float, n: int) -> int:
+        """How many of the ``n`` groups (zero ``levels`` from ``joint_zero_levels``) a target's ramped ``fraction``
+        zeroes: ``round(fraction * n)``, the groups of lowest level. Override to count another way (a parameter
+        budget: ``scripts/compare_structured.py``); the groups still die in increasing order of level.
+
+        Example:
+            >>> CoupledGroupLasso(0.0).groups_to_zero(torch.tensor([0.3, 0.1, 0.2]), 0.5, 3)
+            2
+        """
+        return int(math.floor(fraction * n + 0.5))
 
     def zero_fraction(self) -> Tensor:
         """The fraction of the groups that are exactly zero (what a target counts)."""

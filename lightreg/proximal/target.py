@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lightreg.base.checks import check_int, check_real
 from lightreg.base.distributed import ShardReduction
-from lightreg.proximal.kth_value import Levels, level_for_fraction
+from lightreg.proximal.kth_value import Levels, level_for_fraction, level_for_rank
 from lightreg.penalties.contract import Penalty, Step
 from lightreg.penalties.coupled_group_lasso import JointSteps, joint_prox_
 from lightreg.proximal.ramp import (Point, SparsityWindow, check_known_length, check_point, check_ramp, default_interval,
@@ -176,13 +176,17 @@ class TargetSparsity:
         one, or the first with an lr after a due step whose lr was 0."""
         return self.pending or self.due(step) or not self.selected
 
-    def level(self, step: int, levels: Levels, dtype: torch.dtype, reduce: ShardReduction) -> float:
+    def level(self, step: int, levels: Levels, dtype: torch.dtype, reduce: ShardReduction,
+              count: Callable[[float, int], int] | None = None) -> float:
         """The level after optimizer step ``step``: the k-th of ``levels()`` on a selection step, else the last one;
-        0 before the ramp and when frozen."""
+        0 before the ramp and when frozen. ``k = count(fraction, n)`` of the ``n`` levels, default
+        ``round(fraction * n)``."""
         if self.frozen(step) or step < self.window.start:  # type: ignore[union-attr]
             self.alpha = 0.0
         elif self.selects(step):
-            self.alpha = level_for_fraction(levels, self.fraction(step), dtype, reduce)
+            fraction = self.fraction(step)
+            self.alpha = (level_for_fraction(levels, fraction, dtype, reduce) if count is None else
+                          level_for_rank(levels, functools.partial(count, fraction), dtype, reduce))
             self.pending, self.selected = False, True
         return self.alpha
 
@@ -204,7 +208,9 @@ class TargetSparsity:
         else:
             tensors = [w for _, ws, _, _ in work for w in ws]
             if getattr(penalty, "joint", False):  # groups span tensors and param groups: levels and prox over all at once
-                alpha = self.level(step, _joint_levels(penalty, work), selection_dtype(tensors), reduction or _identity)
+                levels = _joint_levels(penalty, work)
+                alpha = self.level(step, levels, selection_dtype(tensors), reduction or _identity,
+                                   functools.partial(penalty.groups_to_zero, levels()[0]))
                 if alpha != 0.0:
                     joint_prox_(penalty, work, alpha)
             else:
