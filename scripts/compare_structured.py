@@ -41,16 +41,16 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 
-from lightreg import CoupledGroupLasso, coupled_groups, shrink
+from lightreg import CoupledGroupL0, CoupledGroupLasso, coupled_groups, shrink
 from lightreg.proximal.target import TargetSparsity
 from lightreg.surgery.cost import forward_time
 
-METHODS = ("dense", "lightreg", "tp-groupnorm", "modelpruning")
+METHODS = ("dense", "lightreg", "lightreg-l0", "tp-groupnorm", "modelpruning")
 LR, MOMENTUM, BATCH = 0.01, 0.9, 64
 TP_REG = 5e-4  # Torch-Pruning's sparse-training strength in its benchmark scripts (--reg 5e-4)
 #: lightreg's recipe, as fractions of the fit: the target ramps over [0, ramp), the zeros are frozen from ``freeze``
 #: on (penalty off: plain SGD on the survivors). Chosen on a validation split (``--tune``), not the test set.
-RECIPE = {"ramp": 0.5, "freeze": 0.5}
+RECIPES = {"lightreg": {"ramp": 0.5, "freeze": 0.5}, "lightreg-l0": {"ramp": 0.5, "freeze": 0.5}}
 
 
 class Block(nn.Module):
@@ -111,12 +111,13 @@ def fit(model, x, y, epochs, seed, step_hook=None, backward_hook=None, epoch_hoo
             epoch_hook(epoch)
 
 
-class ParameterBudget(CoupledGroupLasso):
+class ParameterBudget:
     """A target counted in parameters: the fewest coupled groups, in increasing order of zero level, whose removal
-    leaves at most ``1 - fraction`` of the model's parameters (counted as ``cut`` counts them)."""
+    leaves at most ``1 - fraction`` of the model's parameters (counted as ``cut`` counts them). A mixin for
+    ``CoupledGroupLasso`` and ``CoupledGroupL0`` (it overrides their ``groups_to_zero``)."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(0.0)
+        super().__init__(0.0)  # type: ignore[call-arg]
         self.model, self.total = model, sum(p.numel() for p in model.parameters())
 
     def groups_to_zero(self, levels, fraction, n):
@@ -130,11 +131,22 @@ class ParameterBudget(CoupledGroupLasso):
         return n
 
 
-def train_lightreg(model, x, y, epochs, seed, target, recipe):
+class LassoBudget(ParameterBudget, CoupledGroupLasso):
+    pass
+
+
+class L0Budget(ParameterBudget, CoupledGroupL0):
+    pass
+
+
+KINDS = {"lightreg": LassoBudget, "lightreg-l0": L0Budget}
+
+
+def train_lightreg(model, x, y, epochs, seed, target, recipe, kind=LassoBudget):
     """``Regularizer(ParameterBudget, target_sparsity=target, target_ramp=(0, ramp), target_debias=1 - freeze)`` written out
     with ``TargetSparsity`` on the same SGD loop: the level selected every ``default_interval`` steps of the ramp (the
     prox at the level that zeroes the ramped share, the zeros held between), then the zeros frozen, penalty off."""
-    penalty = ParameterBudget(model)
+    penalty = kind(model)
     named = penalty.bind(model, [(n, p) for n, p in model.named_parameters() if p.ndim >= 2], x[:8])
     total = epochs * math.ceil(len(x) / BATCH)
     start, ramp_end = round(recipe.get("start", 0.0) * total), round(recipe["ramp"] * total)  # in steps
@@ -158,8 +170,8 @@ def train_lightreg(model, x, y, epochs, seed, target, recipe):
 def train(method, name, target, x, y, epochs, seed, recipe=None):
     torch.manual_seed(seed)
     model, example = build(name), x[:8]
-    if method == "lightreg":
-        train_lightreg(model, x, y, epochs, seed, target, recipe or RECIPE)
+    if method.startswith("lightreg"):
+        train_lightreg(model, x, y, epochs, seed, target, recipe or RECIPES[method], KINDS[method])
     elif method == "tp-groupnorm":
         pruner = tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                            reg=TP_REG, ignored_layers=[model[-1]])
@@ -231,8 +243,8 @@ def run(method, name, target, data, epochs, finetune, seed, recipe=None):
     model = train(method, name, target, xtr, ytr, epochs, seed, recipe)
     before = sum(p.numel() for p in model.parameters())
     row = {"method": method, "model": name, "target": target, "seed": seed, "acc_trained": accuracy(model, xte, yte)}
-    if method == "lightreg":
-        row["recipe"] = recipe or RECIPE
+    if method.startswith("lightreg"):
+        row["recipe"] = recipe or RECIPES[method]
     if method != "dense":
         small = cut(method, model, target, xtr[:8])
         with torch.no_grad():  # relative to the largest logit: unnormalised CNN logits reach 1e4 and more
@@ -269,14 +281,15 @@ def tune(args) -> list[dict]:
     """lightreg's recipe on the validation split (a quarter of the training part, the test set untouched)."""
     data = digits(validation=True)
     recipes = [json.loads(r) for r in args.recipes] if args.recipes else TUNE_RECIPES
-    jobs = [("lightreg", name, target, data, args.epochs, args.finetune, seed, recipe)
+    jobs = [(method, name, target, data, args.epochs, args.finetune, seed, recipe) for method in args.methods
+            if method.startswith("lightreg")
             for name in args.models for target in args.targets for seed in args.seeds for recipe in recipes]
     rows = _map(jobs, args.jobs)
     for name in args.models:
         for target in args.targets:
-            for recipe in recipes:
-                rs = [x for x in rows if (x["model"], x["target"], x["recipe"]) == (name, target, recipe)]
-                print(f"{name} {target:.0%} {json.dumps(recipe)}: validation accuracy trained "
+            for recipe, method in [(r, m) for r in recipes for m in sorted({x["method"] for x in rows})]:
+                rs = [x for x in rows if (x["method"], x["model"], x["target"], x["recipe"]) == (method, name, target, recipe)]
+                print(f"{method} {name} {target:.0%} {json.dumps(recipe)}: validation accuracy trained "
                       f"{mean(x['acc_trained'] for x in rs):.4f}, fine-tuned {mean(x['acc_finetuned'] for x in rs):.4f}")
     return rows
 

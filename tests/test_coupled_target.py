@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightreg import CoupledGroupLasso, Regularizer, shrink
+from lightreg import CoupledGroupL0, CoupledGroupLasso, Regularizer, shrink
 from tests.models import loader
 
 pytest.importorskip("torch_pruning")
@@ -23,8 +23,8 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double()
 
 
-def bound(net):
-    penalty = CoupledGroupLasso(0.0)
+def bound(net, kind=CoupledGroupLasso):
+    penalty = kind(0.0)
     params = [p for _, p in penalty.bind(net, [(n, p) for n, p in net.named_parameters() if p.ndim == 2][:2],
                                           example_inputs=torch.zeros(1, 3, dtype=torch.float64))]
     return penalty, params
@@ -44,24 +44,28 @@ def group_is_zero(penalty, g: int) -> bool:
     return not bool(family.alive()[unit])
 
 
+@pytest.mark.parametrize("penalty_kind", [CoupledGroupLasso, CoupledGroupL0], ids=lambda k: k.__name__)
 @pytest.mark.parametrize("kind", ["uniform", "per-coordinate"])
-def test_each_group_dies_exactly_at_its_zero_level(kind):
+def test_each_group_dies_exactly_at_its_zero_level(kind, penalty_kind):
     """Oracle: the prox. At level * (1 + 1e-6) the group is exactly zero, at level * (1 - 1e-6) it is not."""
     net = mlp()
-    penalty, params = bound(net)
+    penalty, params = bound(net, penalty_kind)
     steps = steps_for(params, kind)
     levels = penalty.joint_zero_levels(params, steps)
     assert levels.shape == (9,) and torch.all(levels > 0)
     for g, level in enumerate(levels.tolist()):
         for factor, dies in ((1 + 1e-6, True), (1 - 1e-6, False)):
             trial = copy.deepcopy(net)
-            p_trial, trial_params = bound(trial)
+            p_trial, trial_params = bound(trial, penalty_kind)
             with torch.no_grad():
                 p_trial.apply_prox_(trial_params, steps, level * factor)
             assert group_is_zero(p_trial, g) == dies, (g, factor)
             # every other group dies iff its own level is at most alpha (the levels predict the whole outcome)
             dead = [group_is_zero(p_trial, h) for h in range(len(levels))]
             assert dead == (levels <= level * factor).tolist(), (g, factor)
+            if penalty_kind is CoupledGroupL0:  # a hard threshold: every entry of a live group is kept as it was
+                for a, b in zip(trial.parameters(), net.parameters(), strict=True):
+                    assert torch.all((a == b) | (a == 0))
 
 
 def test_zero_level_formula_uniform_step():
@@ -74,6 +78,9 @@ def test_zero_level_formula_uniform_step():
     hand = [h for f in penalty.groups.families for h in hand[f.name]]  # in the families' order
     expected = torch.stack([torch.linalg.vector_norm(h) / (0.3 * math.sqrt(h.numel())) for h in hand])
     torch.testing.assert_close(penalty.joint_zero_levels(params, 0.3), expected, rtol=1e-13, atol=0)
+    l0, l0_params = bound(net, CoupledGroupL0)  # the cost of removing the group over its entries: Σ w² / (2 t |g|)
+    expected = torch.stack([h.square().sum() / (2 * 0.3 * h.numel()) for h in hand])
+    torch.testing.assert_close(l0.joint_zero_levels(l0_params, 0.3), expected, rtol=1e-13, atol=0)
 
 
 def test_a_group_with_an_unstepped_nonzero_tensor_cannot_die():
@@ -133,11 +140,11 @@ def data():
     return torch.randn(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
 
 
-def fit(target=0.5, max_steps=24, ckpt_path=None, save_dir=None, stop_at=None, warmup=True, **kwargs):
+def fit(target=0.5, max_steps=24, ckpt_path=None, save_dir=None, stop_at=None, warmup=True, penalty=None, **kwargs):
     """Adam with a warm-up from lr 0; the level selected every 3 steps (and at step 15), the zeros held between."""
     x, y = data()
     model = ResNet(warmup)
-    reg = Regularizer(CoupledGroupLasso(0.0), target_sparsity=target, **{"target_every": 3, **kwargs})
+    reg = Regularizer(penalty or CoupledGroupLasso(0.0), target_sparsity=target, **{"target_every": 3, **kwargs})
     callbacks = [reg]
     if save_dir is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=save_dir, every_n_train_steps=stop_at, save_top_k=-1))
@@ -161,7 +168,7 @@ def test_the_target_fraction_of_groups_is_exactly_zero_and_shrink_removes_them(f
     assert [f.units for f in families] == [8, 8] and dead == round(0.5 * units) == 8
     metrics = reg.metrics()
     assert metrics["reg/coupled_group_lasso/sparsity"] == dead / units
-    assert metrics["reg/coupled_group_lasso/groups_alive"] == units - dead
+    assert metrics["reg/coupled_group_lasso/groups_alive"] == units - dead and metrics["reg/coupled_group_lasso/groups"] == units
     assert reg.target.window.freeze == 16 and reg.alpha == 0.0
     x, _ = data()
     small = shrink(model)
@@ -171,6 +178,17 @@ def test_the_target_fraction_of_groups_is_exactly_zero_and_shrink_removes_them(f
     alive = [int(f.alive().sum()) for f in families]
     assert sorted(set(widths)) == sorted(set(alive)) and sum(p.numel() for p in small.parameters()) < sum(
         p.numel() for p in model.parameters())
+
+
+def test_coupled_group_l0_target_zeroes_the_fraction_and_keeps_the_survivors_unshrunk():
+    model, reg = fit(penalty=CoupledGroupL0(0.0))
+    families = reg.penalty.groups.families
+    assert sum(int((~f.alive()).sum()) for f in families) == 8
+    assert reg.metrics()["reg/coupled_group_l0/sparsity"] == 0.5
+    x, _ = data()
+    small = shrink(model)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_step_with_lr_zero_selects_and_zeroes_nothing():

@@ -84,10 +84,11 @@ class CoupledGroupLasso(Penalty):
         return [(names[id(p)], p) for p in model.parameters() if id(p) in members]
 
     def metrics(self, name: str) -> dict[str, float]:
-        """``reg/<name>/groups_alive`` over all groups, and per group root layer."""
+        """``reg/<name>/groups_alive`` over all groups and per group root layer, and ``reg/<name>/groups`` (all)."""
         alive = {f.name: int(f.alive().sum()) for f in self.groups.families}
         out = {f"reg/{name}/groups_alive/{layer}": float(n) for layer, n in alive.items()}
         out[f"reg/{name}/groups_alive"] = float(sum(alive.values()))
+        out[f"reg/{name}/groups"] = float(sum(f.units for f in self.groups.families))
         return out
 
     # ---- the math ----------------------------------------------------------------------------------
@@ -161,7 +162,10 @@ class CoupledGroupLasso(Penalty):
         families, step_of = self._stepped(params, steps)
         if not families:
             return torch.zeros(0)
-        return torch.cat([FamilyView(f, step_of(f)).zero_levels() for f in families])
+        return torch.cat([self._levels(FamilyView(f, step_of(f))) for f in families])
+
+    def _levels(self, view: FamilyView) -> Tensor:
+        return view.zero_levels()
 
     def groups_to_zero(self, levels: Tensor, fraction: float, n: int) -> int:
         """How many of the ``n`` groups (zero ``levels`` from ``joint_zero_levels``) a target's ramped ``fraction``

@@ -65,6 +65,11 @@ class FamilyView:
         ratio = [torch.where(t > 0, u / t, torch.where(u == 0, 0.0, math.inf)) for u, t in zip(self.us, self.ts, strict=True)]
         return self.unit_sum([x * x for x in ratio]).sqrt_().div_(self.family.sizes.to(self.device, self.dtype).sqrt())
 
+    def l0_levels(self) -> Tensor:
+        """``Σ_i u_i² / (2 t_i |g|)`` per unit: the least alpha at which ``CoupledGroupL0``'s prox zeroes it."""
+        cost = [torch.where(t > 0, u * u / t, torch.where(u == 0, 0.0, math.inf)) for u, t in zip(self.us, self.ts, strict=True)]
+        return self.unit_sum(cost).div_(2.0 * self.family.sizes.to(self.device, self.dtype))
+
     def radii(self, alpha: float, levels: Tensor) -> Tensor:
         """``r = ||v_g||`` of each unit's prox at ``alpha`` (0 for a unit whose level is at most ``alpha``)."""
         units, lam = self.family.units, self._lam(alpha)
@@ -96,6 +101,12 @@ class FamilyView:
     @staticmethod
     def _rows(v: Tensor, s: Any, like: Tensor) -> Tensor:
         return v[s.unit].view(-1, *[1] * (like.ndim - 1))
+
+
+def zero_units_(family: Family, dead: Tensor) -> None:
+    """Set every entry of the ``dead`` units of ``family`` (a boolean per unit) to exactly 0, in place."""
+    for s in family.slices:
+        s.param.detach().index_fill_(s.dim, s.index[dead[s.unit]], 0.0)
 
 
 def family_value(family: Family, alpha: float) -> Tensor:
