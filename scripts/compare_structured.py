@@ -136,7 +136,9 @@ class ParameterBudget:
         units = [(i, u) for i, f in enumerate(families) for u in range(f.units)]
         dead: list[set[int]] = [set() for _ in families]
         for k, g in enumerate(sorted(range(n), key=lambda g: (float(levels[g]), g))):
-            if params_left(self.model, families, dead) <= (1 - fraction) * self.total:
+            # shrink keeps one (zero) unit of a layer whose every unit died: count it as the cut does
+            cut = [d if len(d) < f.units else set(sorted(d)[1:]) for f, d in zip(families, dead, strict=True)]
+            if params_left(self.model, families, cut) <= (1 - fraction) * self.total:
                 return k
             dead[units[g][0]].add(units[g][1])
         return n
