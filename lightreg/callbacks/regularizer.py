@@ -79,8 +79,7 @@ class Regularizer(Callback):
             stacked Regularizers of the same penalty distinct names.
         preconditioned: in proximal mode, use the adaptive optimizers' per-coordinate step (default);
             ``False`` uses the plain ``lr`` for every optimizer.
-        target_sparsity: the final fraction of zero units (entries; groups for ``GroupLasso``; coupled groups for
-            ``CoupledGroupLasso`` and ``CoupledGroupL0``), in (0, 1).
+        target_sparsity: the final fraction of zero units (entries; groups for the group penalties), in (0, 1).
         target_ramp: ``(start, end)`` of the cubic ramp, as steps (ints) or fractions of the fit (floats);
             default ``(0, 2/3)`` of ``trainer.estimated_stepping_batches``.
         target_debias: the final phase with the zeros frozen and the penalty off, as steps or a fraction of
