@@ -51,8 +51,8 @@ class Regularizer(Callback):
     Every mode acts once per real step on exactly the parameters the optimizer steps (``.grad`` of
     ``None``: skipped, as torch skips it), with the group's ``lr`` then.
 
-    With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``,
-    ``GroupLasso``, ``CoupledGroupLasso``, ``CoupledGroupL0``) alpha is not the penalty's: on the selection steps of a ramp (every ``target_every``
+    With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``, the group
+    penalties) alpha is not the penalty's: on the selection steps of a ramp (every ``target_every``
     steps, and the step before the freeze) it is set to the level at which the prox zeroes exactly the
     ramped fraction of the selection; in between, that zero pattern is held (``lightreg.proximal.target``); then the
     zero pattern is frozen and the penalty is off for a final debias phase. A step with lr 0 zeroes and
