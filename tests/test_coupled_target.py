@@ -213,3 +213,17 @@ def test_a_fit_that_ends_early_warns_with_the_groups_reached():
     with pytest.warns(UserWarning, match=r"sparsity reached 0\.\d{4} \(the fraction of coupled groups exactly zero\) "
                                          r"against target_sparsity=0.5"):
         fit(max_steps=6, target_ramp=(0, 40))
+
+
+def test_the_app_removes_the_target_share_of_channels_with_the_same_outputs(tmp_path):
+    """lightreg-train model=cnn penalty=coupled_group_l0 penalty.target_sparsity=0.5 shrink=true (docs/structured.md)."""
+    from lightreg.app.config import RunContext
+    from lightreg.app.train import run
+    from tests.test_app_run import compose_cfg
+
+    cfg = compose_cfg("model=cnn", "data=digits", "penalty=coupled_group_l0", "penalty.target_sparsity=0.5",
+                      "trainer.max_epochs=2", "logger=none", "progress_bar=false", "report=false", "shrink=true")
+    metrics = run(cfg, RunContext(output_dir=tmp_path))
+    assert metrics["reg/coupled_group_l0/sparsity"] == 0.5 and metrics["reg/coupled_group_l0/groups_alive"] == 12
+    assert metrics["shrink/max_abs_diff"] <= 1e-5 and metrics["shrink/params_after"] < metrics["shrink/params_before"]
+    assert metrics["shrink/test/acc"] == metrics["test/acc"]
