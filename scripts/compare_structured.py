@@ -60,7 +60,7 @@ LR, MOMENTUM, BATCH = 0.01, 0.9, 64
 TP_REG = 5e-4  # Torch-Pruning's sparse-training strength in its benchmark scripts (--reg 5e-4)
 #: lightreg's recipe, as fractions of the fit: the target ramps over [0, ramp), the zeros are frozen from ``freeze``
 #: on (penalty off: plain SGD on the survivors). Chosen on a validation split (``--tune``), not the test set.
-RECIPES = {"lightreg": {"start": 0.4, "ramp": 0.6, "freeze": 0.6, "every": 30},
+RECIPES = {"lightreg": {"ramp": 0.75, "freeze": 0.75},
            "lightreg-l0": {"start": 0.2, "ramp": 0.6, "freeze": 0.6}}
 
 
