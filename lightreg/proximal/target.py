@@ -4,10 +4,10 @@ Level tracking, not a controller. A penalty whose prox makes zeros zeroes a unit
 ``GroupLasso``) exactly when its *zero level* is at most alpha: ``|w_i| / t_i`` for ``L1`` (``/ l1_ratio``
 for ``ElasticNet``), ``w_i² / (2 t_i)`` for ``L0``, ``||w_g / t_g|| / sqrt(|g|)`` for ``GroupLasso``,
 ``t`` the prox step (``Penalty.zero_levels``); ``||u_g / t_g|| / sqrt(|g|)`` for each coupled group of
-``CoupledGroupLasso``, whose groups span tensors and param groups, so its levels and prox take the whole step at
-once (``joint_zero_levels``) and the target counts its groups. So on the selection steps of the ramp, right after the optimizer
-step, alpha is set to the k-th smallest zero level over the whole selection, ``k = round(s_t * n)``, and the prox
-zeroes exactly the ramped target ``s_t`` (more only on ties). Selecting reads every tensor twice, so it is done
+``CoupledGroupLasso`` (``Σ u_i² / (2 t_i |g|)`` for ``CoupledGroupL0``), whose groups span tensors and param groups,
+so their levels and prox take the whole step at once (``joint_zero_levels``) and the target counts groups. So on
+the selection steps of the ramp, right after the optimizer step, alpha is set to the k-th smallest zero level over
+the whole selection, ``k = round(s_t * n)``, and the prox zeroes exactly the ramped target ``s_t`` (more only on ties). Selecting reads every tensor twice, so it is done
 every ``target_every`` steps from the ramp's start (default ``lightreg.proximal.ramp.default_interval``) and always
 at the step before the freeze, so the fit ends exactly on the target; in between, the zero pattern of the last
 selection is held (a mask put back after each step, as gradual magnitude pruning holds its mask between pruning
