@@ -81,6 +81,10 @@ def test_zero_level_formula_uniform_step():
     l0, l0_params = bound(net, CoupledGroupL0)  # the cost of removing the group over its entries: Σ w² / (2 t |g|)
     expected = torch.stack([h.square().sum() / (2 * 0.3 * h.numel()) for h in hand])
     torch.testing.assert_close(l0.joint_zero_levels(l0_params, 0.3), expected, rtol=1e-13, atol=0)
+    with torch.no_grad():  # R = alpha * (entries of the live groups): kill layer 0's unit 2 by hand
+        w0[2], b0[2], w2[:, 2] = 0.0, 0.0, 0.0
+    value = sum(l0.value(p, 0.5) for p in l0_params)
+    assert value.item() == 0.5 * (sum(h.numel() for h in hand) - (w0.shape[1] + 1 + w2.shape[0]))
 
 
 def test_a_group_with_an_unstepped_nonzero_tensor_cannot_die():
