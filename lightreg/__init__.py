@@ -21,6 +21,7 @@ _SOURCES = {
     "L1": "lightreg.penalties.elastic_net",
     "L2": "lightreg.penalties.elastic_net",
     "CosineSchedule": "lightreg.penalties.schedules",
+    "CoupledGroupL0": "lightreg.penalties.coupled_group_l0",
     "CoupledGroupLasso": "lightreg.penalties.coupled_group_lasso",
     "ElasticNet": "lightreg.penalties.elastic_net",
     "FreezeZeros": "lightreg.callbacks.freeze_zeros",
@@ -51,6 +52,7 @@ __all__ = list(_SOURCES)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below imports on demand
     from lightreg.model.dependency_groups import coupled_groups
+    from lightreg.penalties.coupled_group_l0 import CoupledGroupL0
     from lightreg.penalties.coupled_group_lasso import CoupledGroupLasso
     from lightreg.penalties.elastic_net import L1, L2, ElasticNet
     from lightreg.callbacks.freeze_zeros import FreezeZeros

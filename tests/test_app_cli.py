@@ -90,7 +90,7 @@ def test_a_sweep_over_target_sparsity_reaches_each_target_and_is_drawn_against_s
 #: (argv, the message): every one is a configuration error, exit status 2, one line. The first group is found before
 #: torch loads (test_config_errors_do_not_import_torch runs them again in a fresh process); the last needs the model.
 PREFLIGHT_ERRORS = [
-    (["penalty=l3"], "penalty=l3 is not an option of penalty (valid: coupled_group_lasso, elastic_net, group_lasso, l0, l1, l2, none)"),
+    (["penalty=l3"], "penalty=l3 is not an option of penalty (valid: coupled_group_l0, coupled_group_lasso, elastic_net, group_lasso, l0, l1, l2, none)"),
     (["model.foo=3"], "model.foo is not a key of model (valid: _target_, activation, depth"),
     (["+foo=1"], "foo is not a key of the config (valid: callbacks, data, experiment"),
     (["+model.foo=3"], "model.foo is not an argument of MLP (it takes activation"),

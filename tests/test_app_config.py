@@ -137,7 +137,7 @@ def test_penalty_options(option):
         assert regularizer is None
         return
     cls = {"l1": lightreg.L1, "l2": lightreg.L2, "elastic_net": lightreg.ElasticNet, "group_lasso": lightreg.GroupLasso,
-           "l0": lightreg.L0, "coupled_group_lasso": lightreg.CoupledGroupLasso}
+           "l0": lightreg.L0, "coupled_group_lasso": lightreg.CoupledGroupLasso, "coupled_group_l0": lightreg.CoupledGroupL0}
     assert isinstance(regularizer, lightreg.Regularizer)
     assert type(regularizer.penalty) is cls[option]
     assert regularizer.mode == "proximal" and regularizer.include is None and regularizer.schedule is None

@@ -58,8 +58,9 @@ def test_rules_know_the_modes_and_penalties_lightreg_has():
     assert sorted(p.rsplit(".", 1)[1] for p in rules.PENALTIES) == sorted(
         n for n in lightreg.__all__ if isinstance(getattr(lightreg, n), type) and issubclass(getattr(lightreg, n), lightreg.Penalty)
         and n != "Penalty")
-    assert sorted(rules.MAKES_ZEROS) == sorted([*(n for n in ("L1", "L2", "L0", "GroupLasso") if getattr(lightreg, n)(0.1).makes_zeros), "ElasticNet"])
-    assert rules.PROXIMAL_ONLY == tuple(n for n in ("L1", "L2", "L0", "GroupLasso") if getattr(lightreg, n)(0.1).proximal_only)
+    kinds = ("L1", "L2", "L0", "GroupLasso", "CoupledGroupLasso", "CoupledGroupL0")
+    assert sorted(rules.MAKES_ZEROS) == sorted([*(n for n in kinds if getattr(lightreg, n)(0.1).makes_zeros), "ElasticNet"])
+    assert rules.PROXIMAL_ONLY == tuple(n for n in kinds if getattr(lightreg, n)(0.1).proximal_only)
 
 
 @pytest.mark.parametrize("target, kwargs", [

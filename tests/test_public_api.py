@@ -8,7 +8,7 @@ import lightreg
 
 #: ``lightreg.__all__`` before the move, written out literally so that a change to ``__init__.py`` cannot hide a loss.
 PUBLIC = [
-    "L0", "L1", "L2", "CosineSchedule", "CoupledGroupLasso", "ElasticNet", "FreezeZeros", "GroupLasso",
+    "L0", "L1", "L2", "CosineSchedule", "CoupledGroupL0", "CoupledGroupLasso", "ElasticNet", "FreezeZeros", "GroupLasso",
     "LinearWarmup", "Penalty", "Regularizer", "ShrinkReport", "ShrinkRow", "StepWindow", "TracedShrinkReport",
     "TracedShrinkRow", "WeightMonitor", "coupled_groups", "load_shrunk", "print_report", "print_shrink_report",
     "print_traced_report", "register_step_rule", "save_shrunk", "select_parameters", "shrink", "shrink_report",

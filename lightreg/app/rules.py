@@ -16,10 +16,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 MODES = ("gradient", "decoupled", "proximal")  # lightreg.callbacks.regularizer.MODES (tested)
-PENALTIES = ("lightreg.L1", "lightreg.L2", "lightreg.ElasticNet", "lightreg.GroupLasso", "lightreg.L0", "lightreg.CoupledGroupLasso")
+PENALTIES = ("lightreg.L1", "lightreg.L2", "lightreg.ElasticNet", "lightreg.GroupLasso", "lightreg.L0", "lightreg.CoupledGroupLasso",
+             "lightreg.CoupledGroupL0")
 #: Penalties whose prox makes exact zeros (a target can drive them), and those with a prox only.
-MAKES_ZEROS = ("L1", "L0", "GroupLasso", "ElasticNet")
-PROXIMAL_ONLY = ("L0",)
+MAKES_ZEROS = ("L1", "L0", "GroupLasso", "ElasticNet", "CoupledGroupLasso", "CoupledGroupL0")
+PROXIMAL_ONLY = ("L0", "CoupledGroupL0")
 
 
 def _in_range(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> str | None:
@@ -71,7 +72,8 @@ def _target_errors(target: str, penalty: Mapping[str, Any], kwargs: Mapping[str,
     zeros = name in MAKES_ZEROS and not (name == "ElasticNet" and penalty.get("l1_ratio", 0.5) == 0)
     if mode in MODES and (mode != "proximal" or not zeros):
         found.append(("target_sparsity", f"target_sparsity={value!r} needs mode='proximal' and a penalty whose prox makes "
-                      f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso), got {_repr(target, penalty)} in mode={mode!r}"))
+                      f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso, CoupledGroupLasso), got {_repr(target, penalty)} in "
+                      f"mode={mode!r}"))
     if kwargs.get("schedule") is not None:
         found.append(("schedule", f"target_sparsity sets alpha at every step; it takes no schedule, got {kwargs['schedule']!r}"))
     return found

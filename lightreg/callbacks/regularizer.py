@@ -50,8 +50,8 @@ class Regularizer(Callback):
     Every mode acts once per real step on exactly the parameters the optimizer steps (``.grad`` of
     ``None``: skipped, as torch skips it), with the group's ``lr`` then.
 
-    With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``,
-    ``GroupLasso``) alpha is not the penalty's: on the selection steps of a ramp (every ``target_every``
+    With ``target_sparsity`` (proximal mode, a penalty that makes zeros: ``L1``, ``ElasticNet``, ``L0``, the group
+    penalties) alpha is not the penalty's: on the selection steps of a ramp (every ``target_every``
     steps, and the step before the freeze) it is set to the level at which the prox zeroes exactly the
     ramped fraction of the selection; in between, that zero pattern is held (``lightreg.proximal.target``); then the
     zero pattern is frozen and the penalty is off for a final debias phase. A step with lr 0 zeroes and
@@ -78,7 +78,7 @@ class Regularizer(Callback):
             stacked Regularizers of the same penalty distinct names.
         preconditioned: in proximal mode, use the adaptive optimizers' per-coordinate step (default);
             ``False`` uses the plain ``lr`` for every optimizer.
-        target_sparsity: the final fraction of zero units (entries; groups for ``GroupLasso``), in (0, 1).
+        target_sparsity: the final fraction of zero units (entries; groups for the group penalties), in (0, 1).
         target_ramp: ``(start, end)`` of the cubic ramp, as steps (ints) or fractions of the fit (floats);
             default ``(0, 2/3)`` of ``trainer.estimated_stepping_batches``.
         target_debias: the final phase with the zeros frozen and the penalty off, as steps or a fraction of

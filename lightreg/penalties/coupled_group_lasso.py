@@ -10,10 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from lightreg.model.dependency_groups import CoupledGroups, Family, coupled_groups
-from lightreg.penalties.group_lasso import NEWTON_STEPS
 from lightreg.penalties.contract import Penalty, Step
-
-StepOf = Callable[[Tensor], Step | None]
+from lightreg.penalties.coupled_prox import FamilyView, StepOf, family_value
 
 
 class CoupledGroupLasso(Penalty):
@@ -29,8 +27,13 @@ class CoupledGroupLasso(Penalty):
     ``||u_g / t_g|| <= λ``, else ``v_i = u_i * r / (r + λ t_i)`` with ``r`` the root of ``Σ_i u_i²/(r + λt_i)² = 1``
     (Newton, as ``GroupLasso``'s per-coordinate prox). A tensor the step did not move (no gradient) has
     ``t = 0``: its entries stay, and its group dies only with them at zero. Groups share entries (a conv's
-    filter ``j`` is in channel ``j``'s group, its input slice ``i`` in channel ``i``'s): the groups' proxes are
-    applied one after another, each exact for its group, so a zeroed group is exactly zero and stays so.
+    filter ``j`` is in channel ``j``'s group, its input slice ``i`` in channel ``i``'s): every group's exact prox
+    factors are computed from the same weights, then each entry takes the product of its groups' factors, so a
+    zeroed group is exactly zero, and group ``g`` is zeroed exactly when its *zero level*
+    ``||u_g / t_g|| / sqrt(|g|)`` is at most ``alpha`` (``joint_zero_levels``; the order of the groups does not matter).
+
+    With ``target_sparsity`` the ``Regularizer`` counts in groups: the fraction of the penalised coupled groups
+    (channels and heads; ``groups.skipped`` ones are not penalised, so not counted) that are exactly zero.
 
     The ``Regularizer`` traces the model at fit start from ``example_inputs`` or the LightningModule's
     ``example_input_array`` and penalises the groups rooted at the selected weights (the default rule: every
@@ -53,6 +56,9 @@ class CoupledGroupLasso(Penalty):
     """
 
     name = "coupled_group_lasso"
+    makes_zeros = True
+    #: What a target counts (its messages say so): groups, the units the prox zeroes, not parameters.
+    target_unit = "coupled groups"
     joint = True  # the prox needs every tensor of the step at once: the Regularizer hands them over together
 
     def __init__(self, alpha: float, example_inputs: Any = None) -> None:
@@ -78,10 +84,11 @@ class CoupledGroupLasso(Penalty):
         return [(names[id(p)], p) for p in model.parameters() if id(p) in members]
 
     def metrics(self, name: str) -> dict[str, float]:
-        """``reg/<name>/groups_alive`` over all groups, and per group root layer."""
+        """``reg/<name>/groups_alive`` over all groups and per group root layer, and ``reg/<name>/groups`` (all)."""
         alive = {f.name: int(f.alive().sum()) for f in self.groups.families}
         out = {f"reg/{name}/groups_alive/{layer}": float(n) for layer, n in alive.items()}
         out[f"reg/{name}/groups_alive"] = float(sum(alive.values()))
+        out[f"reg/{name}/groups"] = float(sum(f.units for f in self.groups.families))
         return out
 
     # ---- the math ----------------------------------------------------------------------------------
@@ -120,25 +127,82 @@ class CoupledGroupLasso(Penalty):
 
     def apply_prox_(self, params: Sequence[Tensor], steps: Step | Sequence[Step], alpha: float | None = None) -> None:
         """The prox of every group with a tensor in ``params`` (``steps``: one for all, or one per tensor);
-        tensors of those groups missing from ``params`` count as not stepped (``t = 0``)."""
+        tensors of those groups missing from ``params`` count as not stepped (``t = 0``).
+
+        Overlapping groups are proxed side by side: every group's factors come from the weights as the step left
+        them, then each entry is multiplied by the factors of all its groups (in any order: they commute).
+        """
         alpha = self.alpha if alpha is None else alpha
         if alpha == 0.0:
             return
+        families, step_of = self._stepped(params, steps)
+        radii = []
+        for family in families:  # every radius before any weight moves
+            view = FamilyView(family, step_of(family))
+            radii.append(view.radii(alpha, view.zero_levels()))
+        for family, r in zip(families, radii, strict=True):
+            FamilyView(family, step_of(family)).scale_(alpha, r)
+
+    def joint_zero_levels(self, params: Sequence[Tensor], steps: Step | Sequence[Step]) -> Tensor:
+        """The zero level of every group with a tensor in ``params``, one value per group (in family order).
+
+        The level of group ``g`` is ``||u_g / t_g|| / sqrt(|g|)`` (``u`` the weights as the step left them, ``t``
+        the step, 0 for a tensor of ``g`` missing from ``params``): ``apply_prox_`` at ``alpha`` zeroes exactly the
+        groups whose level is at most ``alpha`` (``lightreg.penalties.coupled_prox``). Target sparsity sets alpha to
+        a k-th smallest of these.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1))
+            >>> penalty = CoupledGroupLasso(0.0)
+            >>> params = [p for _, p in penalty.bind(net, [("0.weight", net[0].weight)], example_inputs=torch.zeros(1, 1))]
+            >>> levels = penalty.joint_zero_levels(params, 0.5)
+            >>> penalty.apply_prox_(params, 0.5, float(levels.min())); int(penalty.groups.families[0].alive().sum())
+            1
+        """
+        families, step_of = self._stepped(params, steps)
+        if not families:
+            return torch.zeros(0)
+        return torch.cat([self._levels(FamilyView(f, step_of(f))) for f in families])
+
+    def _levels(self, view: FamilyView) -> Tensor:
+        return view.zero_levels()
+
+    def groups_to_zero(self, levels: Tensor, fraction: float, n: int) -> int:
+        """How many of the ``n`` groups (zero ``levels`` from ``joint_zero_levels``) a target's ramped ``fraction``
+        zeroes: ``round(fraction * n)``, the groups of lowest level. Override to count another way (a parameter
+        budget: ``scripts/compare_structured.py``); the groups still die in increasing order of level.
+
+        Example:
+            >>> CoupledGroupLasso(0.0).groups_to_zero(torch.tensor([0.3, 0.1, 0.2]), 0.5, 3)
+            2
+        """
+        return int(math.floor(fraction * n + 0.5))
+
+    def zero_fraction(self) -> Tensor:
+        """The fraction of the groups that are exactly zero (what a target counts)."""
+        dead = [(~f.alive()).sum() for f in self.groups.families]
+        units = sum(f.units for f in self.groups.families)
+        return torch.stack(dead).sum().float() / max(units, 1) if dead else torch.tensor(0.0)
+
+    def _stepped(self, params: Sequence[Tensor], steps: Step | Sequence[Step]) -> tuple[list[Family], Callable[[Family], StepOf]]:
+        """The families with a tensor in ``params``, and for each a cached ``tensor -> step`` (``None``: not stepped)."""
         position = {id(p): i for i, p in enumerate(params)}
         if not isinstance(steps, (int, float)) and len(steps) != len(params):
             raise ValueError(f"steps has {len(steps)} entries for {len(params)} tensors")
-        for family in self.groups.families:
-            if any(id(s.param) in position for s in family.slices):
-                _check_one_optimizer(family, position)
-                cache: dict[int, Step | None] = {}
+        families = [f for f in self.groups.families if any(id(s.param) in position for s in f.slices)]
+        for family in families:
+            _check_one_optimizer(family, position)
 
-                def step_of(p: Tensor) -> Step | None:
-                    if id(p) not in cache:
-                        i = position.get(id(p))
-                        cache[id(p)] = None if i is None else (float(steps) if isinstance(steps, (int, float)) else steps[i])
-                    return cache[id(p)]
+        def step_of(family: Family) -> StepOf:
+            cache: dict[int, Step | None] = {}
 
-                family_prox_(family, step_of, alpha)
+            def step(p: Tensor) -> Step | None:
+                if id(p) not in cache:
+                    i = position.get(id(p))
+                    cache[id(p)] = None if i is None else (float(steps) if isinstance(steps, (int, float)) else steps[i])
+                return cache[id(p)]
+            return step
+        return families, step_of
 
 
 def _check_one_optimizer(family: Family, position: dict[int, int]) -> None:
@@ -148,78 +212,18 @@ def _check_one_optimizer(family: Family, position: dict[int, int]) -> None:
                              "group's other tensors (another optimizer?); put all of a group's tensors in one optimizer")
 
 
-def family_value(family: Family, alpha: float) -> Tensor:
-    """``alpha * sum_g sqrt(|g|) ||w_g||``, differentiable (the oracle of the tests and of ``value``)."""
-    p0 = family.slices[0].param
-    dtype = torch.float64 if p0.dtype == torch.float64 else torch.float32
-    sq = torch.zeros(family.units, dtype=dtype, device=p0.device)
-    for s in family.slices:
-        rows = s.param.index_select(s.dim, s.index).movedim(s.dim, 0).reshape(len(s.index), -1)
-        sq = sq.index_add(0, s.unit, rows.to(dtype).square().sum(1))
-    return alpha * (family.sizes.to(sq).sqrt() * sq.sqrt()).sum()
-
-
-def family_prox_(family: Family, step_of: StepOf, alpha: float) -> None:
-    """In place, the prox of every unit of ``family`` in the metric ``diag(1/t)`` (see ``CoupledGroupLasso``)."""
-    p0 = family.slices[0].param
-    dtype = torch.float64 if p0.dtype == torch.float64 else torch.float32  # q³ overflows in 16 bits
-    device, units = p0.device, family.units
-    us, ts = [], []
-    for s in family.slices:
-        u = s.param.detach().index_select(s.dim, s.index).movedim(s.dim, 0).to(dtype)
-        step = step_of(s.param)
-        if step is None:
-            t = torch.zeros((), dtype=dtype, device=device).expand_as(u)
-        elif isinstance(step, Tensor):
-            t = step.expand_as(s.param).index_select(s.dim, s.index).movedim(s.dim, 0).to(dtype)
-        else:
-            t = torch.full((), float(step), dtype=dtype, device=device).expand_as(u)
-        us.append(u)
-        ts.append(t)
-    lam = alpha * family.sizes.to(device=device, dtype=dtype).sqrt()
-
-    def unit_sum(values: list[Tensor]) -> Tensor:
-        out = torch.zeros(units, dtype=dtype, device=device)
-        for s, v in zip(family.slices, values, strict=True):
-            out.index_add_(0, s.unit, v.reshape(len(s.index), -1).sum(1))
-        return out
-
-    def per_row(v: Tensor, s: Any, like: Tensor) -> Tensor:
-        return v[s.unit].view(-1, *[1] * (like.ndim - 1))
-
-    # u / t, where t = 0: 0 for u = 0 (nothing to move), inf otherwise (a frozen nonzero entry keeps its group alive)
-    ratio = [torch.where(t > 0, u / t, torch.where(u == 0, 0.0, math.inf)) for u, t in zip(us, ts, strict=True)]
-    nonzero = unit_sum([x * x for x in ratio]) > lam * lam
-    t_max = torch.zeros(units, dtype=dtype, device=device)
-    for s, t in zip(family.slices, ts, strict=True):
-        t_max.scatter_reduce_(0, s.unit, t.reshape(len(s.index), -1).amax(1), reduce="amax")
-    frozen = unit_sum([torch.where(t > 0, 0.0, u * u) for u, t in zip(us, ts, strict=True)])
-    r = torch.maximum(unit_sum([u * u for u in us]).sqrt() - lam * t_max, frozen.sqrt()).clamp_(min=0.0)
-    for _ in range(NEWTON_STEPS):
-        qs = [(u / (per_row(r, s, u) + per_row(lam, s, u) * t)).nan_to_num_(0.0)
-              for s, u, t in zip(family.slices, us, ts, strict=True)]
-        sq = unit_sum([q * q for q in qs])
-        s3 = unit_sum([(q.pow(3) / u).nan_to_num_(0.0, posinf=0.0, neginf=0.0) for q, u in zip(qs, us, strict=True)])
-        r = torch.where(s3 > 0, r + (sq.pow(1.5) - sq) / s3, r)
-    r = torch.where(nonzero, r, torch.zeros_like(r))
-    for s, u, t in zip(family.slices, us, ts, strict=True):
-        rr, ll = per_row(r, s, u), per_row(lam, s, u)
-        v = torch.where(rr > 0, u * rr / (rr + ll * t), torch.zeros_like(u))
-        s.param.detach().index_copy_(s.dim, s.index, v.movedim(0, s.dim).to(s.param.dtype))
-
-
 def joint_prox_(penalty: Penalty, work: Sequence[tuple[Any, Sequence[Tensor], Step | Sequence[Step], float]], alpha: float) -> bool:
     """One prox over every tensor of an optimizer step (all param groups at once) for a joint penalty;
     ``False`` (nothing done) for any other, which takes its param groups one by one."""
     if not getattr(penalty, "joint", False):
         return False
     params = [p for _, ps, _, _ in work for p in ps]
-    steps = _JointSteps([(ps, st) for _, ps, st, _ in work])
+    steps = JointSteps([(ps, st) for _, ps, st, _ in work])
     penalty.apply_prox_(params, steps, alpha)
     return True
 
 
-class _JointSteps(Sequence):
+class JointSteps(Sequence):
     """The per-tensor steps of several param groups as one sequence; a lazy step is computed when read."""
 
     def __init__(self, parts: list[tuple[Sequence[Tensor], Step | Sequence[Step]]]) -> None:

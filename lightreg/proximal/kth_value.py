@@ -107,7 +107,19 @@ def level_for_fraction(
         >>> level_for_fraction(lambda: [torch.tensor([4.0, 1.0, 3.0, 2.0])], 0.5) > 2.0
         True
     """
-    value = _select(levels, lambda n: int(math.floor(fraction * n + 0.5)), dtype, reduce)
+    return level_for_rank(levels, lambda n: int(math.floor(fraction * n + 0.5)), dtype, reduce)
+
+
+def level_for_rank(levels: Levels, rank: Callable[[int], int], dtype: torch.dtype = torch.float32,
+                   reduce: ShardReduction = _identity) -> float:
+    """The ``rank(n)``-th smallest of the ``n`` values nudged up by one unit in the last place (as in
+    ``level_for_fraction``), ``0.0`` for rank 0: the level that zeroes the ``rank(n)`` units of lowest level.
+
+    Example:
+        >>> level_for_rank(lambda: [torch.tensor([4.0, 1.0, 3.0, 2.0])], lambda n: n - 1) > 3.0
+        True
+    """
+    value = _select(levels, rank, dtype, reduce)
     if value is None:
         return 0.0
     nudged = torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(math.inf, dtype=dtype))

@@ -3,9 +3,11 @@
 Level tracking, not a controller. A penalty whose prox makes zeros zeroes a unit (an entry, or a group for
 ``GroupLasso``) exactly when its *zero level* is at most alpha: ``|w_i| / t_i`` for ``L1`` (``/ l1_ratio``
 for ``ElasticNet``), ``w_i² / (2 t_i)`` for ``L0``, ``||w_g / t_g|| / sqrt(|g|)`` for ``GroupLasso``,
-``t`` the prox step (``Penalty.zero_levels``). So on the selection steps of the ramp, right after the optimizer
-step, alpha is set to the k-th smallest zero level over the whole selection, ``k = round(s_t * n)``, and the prox
-zeroes exactly the ramped target ``s_t`` (more only on ties). Selecting reads every tensor twice, so it is done
+``t`` the prox step (``Penalty.zero_levels``); ``||u_g / t_g|| / sqrt(|g|)`` for each coupled group of
+``CoupledGroupLasso`` (``Σ u_i² / (2 t_i |g|)`` for ``CoupledGroupL0``), whose groups span tensors and param groups,
+so their levels and prox take the whole step at once (``joint_zero_levels``) and the target counts groups. So on
+the selection steps of the ramp, right after the optimizer step, alpha is set to the k-th smallest zero level over
+the whole selection, ``k = round(s_t * n)``, and the prox zeroes exactly the ramped target ``s_t`` (more only on ties). Selecting reads every tensor twice, so it is done
 every ``target_every`` steps from the ramp's start (default ``lightreg.proximal.ramp.default_interval``) and always
 at the step before the freeze, so the fit ends exactly on the target; in between, the zero pattern of the last
 selection is held (a mask put back after each step, as gradual magnitude pruning holds its mask between pruning
@@ -31,8 +33,9 @@ from torch import Tensor
 
 from lightreg.base.checks import check_int, check_real
 from lightreg.base.distributed import ShardReduction
-from lightreg.proximal.kth_value import Levels, level_for_fraction
+from lightreg.proximal.kth_value import Levels, level_for_fraction, level_for_rank
 from lightreg.penalties.contract import Penalty, Step
+from lightreg.penalties.coupled_group_lasso import JointSteps, joint_prox_
 from lightreg.proximal.ramp import (Point, SparsityWindow, check_known_length, check_point, check_ramp, default_interval,
                                     resolve_window)
 
@@ -66,6 +69,8 @@ def zero_fraction(penalty: Penalty, tensors: Sequence[Tensor], reduction: ShardR
         >>> zero_fraction(L1(1.0), [torch.tensor([0.0, 2.0]), torch.zeros(2)])
         tensor(0.7500)
     """
+    if getattr(penalty, "joint", False):  # counted in its groups, not entries (CoupledGroupLasso: replicated, not sharded)
+        return penalty.zero_fraction()
     counts = torch.zeros(2, dtype=torch.int64, device=tensors[0].device if tensors else "cpu")
     for w, counted in zip(tensors, _counted(tensors, reduction), strict=True):
         if counted:
@@ -109,16 +114,19 @@ class TargetSparsity:
         self.selected = False  # a level has been selected (there is a zero pattern to hold)
         self.seen = 0  # optimizer steps the callback saw (raw optimizers do not advance trainer.global_step)
         self.masks: dict[str, Tensor] = {}  # w != 0 (w *= mask); FreezeZeros keeps w == 0
+        self.unit: str | None = None  # what the fraction counts, where the penalty says (CoupledGroupLasso: groups)
 
     def check(self, penalty: Penalty, mode: str, schedule: object) -> None:
         """Raise ``ValueError`` unless a target can drive ``penalty`` in ``mode`` (it sets alpha: no ``schedule``)."""
         if mode != "proximal" or not penalty.makes_zeros:
             raise ValueError(f"target_sparsity={self.target!r} needs mode='proximal' and a penalty whose prox makes "
-                             f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso), got {penalty!r} in mode={mode!r}")
+                             f"zeros (L1, ElasticNet with l1_ratio > 0, L0, GroupLasso, CoupledGroupLasso), got {penalty!r} in "
+                             f"mode={mode!r}")
         if schedule is not None:
             raise ValueError(f"target_sparsity sets alpha at every step; it takes no schedule, got {schedule!r}")
         if not penalty.levels_cover_all:
             raise ValueError(f"{penalty!r} takes no target_sparsity (its zero levels ignore the bias), got {self.target!r}")
+        self.unit = getattr(penalty, "target_unit", None)
 
     def __str__(self) -> str:
         return f"target sparsity {self.target:g}, {self.window}, level selected every {self.interval} steps"
@@ -168,13 +176,17 @@ class TargetSparsity:
         one, or the first with an lr after a due step whose lr was 0."""
         return self.pending or self.due(step) or not self.selected
 
-    def level(self, step: int, levels: Levels, dtype: torch.dtype, reduce: ShardReduction) -> float:
+    def level(self, step: int, levels: Levels, dtype: torch.dtype, reduce: ShardReduction,
+              count: Callable[[float, int], int] | None = None) -> float:
         """The level after optimizer step ``step``: the k-th of ``levels()`` on a selection step, else the last one;
-        0 before the ramp and when frozen."""
+        0 before the ramp and when frozen. ``k = count(fraction, n)`` of the ``n`` levels, default
+        ``round(fraction * n)``."""
         if self.frozen(step) or step < self.window.start:  # type: ignore[union-attr]
             self.alpha = 0.0
         elif self.selects(step):
-            self.alpha = level_for_fraction(levels, self.fraction(step), dtype, reduce)
+            fraction = self.fraction(step)
+            self.alpha = (level_for_fraction(levels, fraction, dtype, reduce) if count is None else
+                          level_for_rank(levels, functools.partial(count, fraction), dtype, reduce))
             self.pending, self.selected = False, True
         return self.alpha
 
@@ -195,11 +207,18 @@ class TargetSparsity:
             self.apply_masks_(named)
         else:
             tensors = [w for _, ws, _, _ in work for w in ws]
-            levels = functools.partial(_zero_levels, penalty, work, list(_counted(tensors, reduction)))
-            alpha = self.level(step, levels, selection_dtype(tensors), reduction or _identity)
-            for _, ws, steps, lr in work:
-                if alpha != 0.0 and lr != 0:  # the prox at alpha 0 or lr 0 is the identity
-                    (apply or penalty.apply_prox_)(ws, steps, alpha)
+            if getattr(penalty, "joint", False):  # groups span tensors and param groups: levels and prox over all at once
+                levels = _joint_levels(penalty, work)
+                alpha = self.level(step, levels, selection_dtype(tensors), reduction or _identity,
+                                   functools.partial(penalty.groups_to_zero, levels()[0]))
+                if alpha != 0.0:
+                    joint_prox_(penalty, work, alpha)
+            else:
+                levels = functools.partial(_zero_levels, penalty, work, list(_counted(tensors, reduction)))
+                alpha = self.level(step, levels, selection_dtype(tensors), reduction or _identity)
+                for _, ws, steps, lr in work:
+                    if alpha != 0.0 and lr != 0:  # the prox at alpha 0 or lr 0 is the identity
+                        (apply or penalty.apply_prox_)(ws, steps, alpha)
             if self.interval > 1:  # the zero pattern to hold until the next selection
                 self.masks.update({n: w.detach() != 0 for n, w in named})
 
@@ -221,8 +240,9 @@ class TargetSparsity:
         target did (EarlyStopping, ``max_time``); ``None`` if it did not. ``sparsity()`` is called then only."""
         if self.window is None or self.window.covered_by(steps):
             return None
+        counted = f" (the fraction of {self.unit} exactly zero)" if self.unit else ""
         return (f"the fit ended after {steps} optimizer steps, before the sparsity target's window did ({self.window}): "
-                f"sparsity reached {{sparsity:.4f}} against target_sparsity={self.target!r} (ramped target at the end "
+                f"sparsity reached {{sparsity:.4f}}{counted} against target_sparsity={self.target!r} (ramped target at the end "
                 f"{self.fraction(max(steps - 1, 0)):.4f}). For a fit that may stop early (EarlyStopping, max_time), "
                 "give target_ramp as step counts that end before it can stop")
 
@@ -253,6 +273,14 @@ class TargetSparsity:
         self.masks = dict(state["masks"])
         # A checkpoint of a release that selected at every step has none of these: the next step selects.
         self.seen, self.pending, self.selected = state.get("seen", 0), state.get("pending", False), state.get("selected", False)
+
+
+def _joint_levels(penalty: Penalty, work: Sequence[Work]) -> Levels:
+    """The zero levels of a joint penalty's groups (``CoupledGroupLasso.joint_zero_levels``) over every tensor of
+    ``work``, computed once and handed to each pass of the selection as a fresh copy (a pass overwrites its input).
+    A param group whose lr is 0 has the step 0: its nonzero groups get level ``inf``, as in ``_zero_levels``."""
+    levels = penalty.joint_zero_levels([w for _, ws, _, _ in work for w in ws], JointSteps([(ws, st) for _, ws, st, _ in work]))
+    return lambda: [levels.clone()]
 
 
 def _zero_levels(penalty: Penalty, work: Sequence[Work], counted: Sequence[bool]) -> Iterator[Tensor]:
