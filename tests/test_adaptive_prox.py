@@ -168,17 +168,9 @@ def test_repr_shows_the_non_default_sparsity_arguments():
         "name='group_lasso', preconditioned=False, target_sparsity=0.5)")
 
 
-@pytest.fixture
-def one_thread():
-    """torch's sparse-into-dense add spins its threads on tiny tensors (10x slower on two busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sparse_adam_on_a_sparse_embedding_reaches_the_lasso(diabetes, one_thread):
-    """SparseAdam (sparse gradients, eps added to sqrt(v)): a sparse Embedding whose rows are the features' weights,
+    """(One thread: torch's sparse-into-dense add spins its threads on tiny tensors, 10x slower on two busy cores.)
+    SparseAdam (sparse gradients, eps added to sqrt(v)): a sparse Embedding whose rows are the features' weights,
     looked up whole and multiplied by the features, is the lasso's linear model. A plain loop over the pure parts
     (step_rule with SparseAdam's own step, then the prox) reaches scikit-learn's solution, zeros included."""
     x, y = diabetes
