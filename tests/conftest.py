@@ -64,11 +64,15 @@ def float64():
 
 @functools.cache
 def _xdist_group(path: str) -> str:
-    """The unit of work a test file belongs to under pytest-xdist: the file itself, or ``distributed`` for every
-    file that runs on the session's DDP processes (``tests._spawn.run_on_ranks``), so that they start once."""
+    """The unit of work a test file belongs to under pytest-xdist: the file itself, or the name of a session-wide
+    resource it shares with other files (the DDP processes of ``tests._spawn``, the fresh interpreter of
+    ``tests._fresh_process``), so that all of them run on one worker and the resource starts once."""
     file = Path(__file__).parents[1] / path
-    if file.suffix == ".py" and file.parent.name == "tests" and "run_on_ranks" in file.read_text():
-        return "distributed"
+    if file.suffix == ".py" and file.parent.name == "tests":
+        text = file.read_text()
+        for shared in ("run_on_ranks", "import_facts"):
+            if shared in text:
+                return shared
     return path
 
 
