@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightreg import L1, Regularizer, WeightMonitor
+from tests._fresh_process import import_facts
 from tests._readers import read_csv
 from tests.models import TinyNet, loader, regression_data, trainer
 
@@ -188,20 +185,11 @@ def test_a_single_extra_name_is_accepted():
     assert WeightMonitor(extras="linf").extras == ("linf",)
 
 
-def test_a_fit_without_wandb_logger_never_imports_wandb(tmp_path):
-    code = (
-        "import sys\n"
-        "from lightning.pytorch.loggers import CSVLogger\n"
-        "from lightreg import WeightMonitor\n"
-        "from tests.models import TinyNet, loader, regression_data, trainer\n"
-        "assert 'wandb' not in sys.modules\n"
-        "x, y = regression_data()\n"
-        "monitor = WeightMonitor(every_n_steps=1, histogram_every_n_steps=1, print_table=True)\n"
-        f"trainer(max_steps=2, logger=CSVLogger({str(tmp_path)!r}), callbacks=[monitor]).fit(TinyNet(), loader(x, y))\n"
-        "assert 'wandb' not in sys.modules, 'wandb was imported'\n"
-    )
-    root = str(Path(__file__).resolve().parents[1])
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True)
+def test_a_fit_without_wandb_logger_never_imports_wandb():
+    """A fit with a WeightMonitor (histograms, the table) and a CSVLogger, in a fresh process
+    (tests/_fresh_process.py): wandb is not imported before the fit, nor by it."""
+    facts = import_facts()
+    assert (facts["WANDB_BEFORE_FIT"], facts["WANDB_AFTER_FIT"]) == (False, False)
 
 
 def test_manual_optimization_logs_after_each_real_step():

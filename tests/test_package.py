@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-import subprocess
-import sys
 
 import pytest
 
 import lightreg
-from tests._app import ROOT, app_env
-
-LEAN = """
-import sys
-APP = ("hydra", "omegaconf", "wandb", "sklearn", "matplotlib")
-import lightreg
-print("BARE", sorted(m for m in ("torch", "lightning", *APP) if m in sys.modules))
-import lightning.pytorch  # imports matplotlib itself when it is installed (through torchmetrics)
-before = set(sys.modules)
-from lightreg import *  # every public name, so every core module
-print("ALL", sorted(m for m in APP if m in set(sys.modules) - before))
-"""
+from tests._app import ROOT
+from tests._fresh_process import import_facts
 
 
 def test_the_core_imports_none_of_the_app_dependencies():
     """``pip install lightreg`` has no hydra, wandb, scikit-learn or matplotlib: the core must not need them (and
-    ``import lightreg`` alone loads neither torch nor Lightning)."""
-    result = subprocess.run([sys.executable, "-c", LEAN], capture_output=True, text=True, env=app_env(), timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[:2] == ["BARE []", "ALL []"]
+    ``import lightreg`` alone loads neither torch nor Lightning). Checked in a fresh process (tests/_fresh_process.py)."""
+    facts = import_facts()
+    assert (facts["BARE"], facts["ALL"]) == ([], [])
 
 
 def test_public_names_resolve_and_are_listed():

@@ -95,7 +95,7 @@ def test_set_up_commands_activate_the_venv_and_install_what_follows_needs():
     for line in setup:
         assert line.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==")
     assert "-e '.[app]' && lightreg-train" in setup[0]
-    assert setup[1].endswith("-e '.[test]' && python -m pytest -q")
+    assert setup[1].endswith("-e '.[test]' && python -m pytest -q -n 2")  # 2 pytest-xdist workers
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^app = \[[^]]*"matplotlib', pyproject, flags=re.M | re.S)
     assert 'test = ["lightreg[all]"' in pyproject and 'all = ["lightreg[app,' in pyproject
