@@ -231,3 +231,22 @@ def test_the_app_removes_the_target_share_of_channels_with_the_same_outputs(tmp_
     assert metrics["reg/coupled_group_l0/sparsity"] == 0.5 and metrics["reg/coupled_group_l0/groups_alive"] == 12
     assert metrics["shrink/max_abs_diff"] <= 1e-5 and metrics["shrink/params_after"] < metrics["shrink/params_before"]
     assert metrics["shrink/test/acc"] == metrics["test/acc"]
+
+
+def test_a_frozen_tensor_is_never_zeroed_and_a_target_it_blocks_is_reported():
+    """The block's first BatchNorm frozen (requires_grad=False): its groups (conv1's channels) hold weights no step
+    moves, level inf, so they can never die. A target of 0.75 (12 of 16 groups) can then reach only the 8 residual
+    groups: those die, the frozen BatchNorm stays exactly as it was, and a warning says how many could."""
+    x, y = data()
+    model = ResNet(warmup=False)
+    bn = model.net[3].bn1
+    bn.weight.requires_grad_(False), bn.bias.requires_grad_(False)
+    frozen = [bn.weight.detach().clone(), bn.bias.detach().clone()]
+    reg = Regularizer(CoupledGroupLasso(0.0), target_sparsity=0.75, target_every=3)
+    trainer = pl.Trainer(max_steps=12, callbacks=[reg], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="only 8 of 16 coupled groups can reach zero"):
+        trainer.fit(model, loader(x, y, batch_size=16))
+    assert torch.equal(bn.weight, frozen[0]) and torch.equal(bn.bias, frozen[1])
+    residual, inner = reg.penalty.groups.families
+    assert int((~residual.alive()).sum()) == 8 and bool(inner.alive().all())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -211,6 +212,8 @@ class TargetSparsity:
                 levels = _joint_levels(penalty, work)
                 alpha = self.level(step, levels, selection_dtype(tensors), reduction or _identity,
                                    functools.partial(penalty.groups_to_zero, levels()[0]))
+                if math.isinf(alpha):  # the count reaches groups that hold a weight the step did not move (t = 0)
+                    alpha = self.alpha = _largest_finite(levels()[0], self.target)
                 if alpha != 0.0:
                     joint_prox_(penalty, work, alpha)
             else:
@@ -273,6 +276,17 @@ class TargetSparsity:
         self.masks = dict(state["masks"])
         # A checkpoint of a release that selected at every step has none of these: the next step selects.
         self.seen, self.pending, self.selected = state.get("seen", 0), state.get("pending", False), state.get("selected", False)
+
+
+def _largest_finite(levels: Tensor, target: float) -> float:
+    """The level that zeroes every group that can die, when fewer can than the target counts: a group holding a
+    nonzero weight that the step did not move (frozen, ``requires_grad=False``, or outside the optimizer) has level
+    ``inf`` and is never zeroed. Warns with how many groups can die."""
+    finite = levels[levels.isfinite()]
+    warnings.warn(f"target_sparsity={target!r}: only {finite.numel()} of {levels.numel()} coupled groups can reach "
+                  "zero; the others hold weights the optimizer does not move (frozen, or not in an optimizer), which "
+                  "the target never zeroes", stacklevel=4)
+    return float(finite.max()) if finite.numel() else 0.0
 
 
 def _joint_levels(penalty: Penalty, work: Sequence[Work]) -> Levels:
