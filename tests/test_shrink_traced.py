@@ -162,3 +162,49 @@ def test_sequential_reusing_a_module_is_refused():
     shared = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="'2' is the same module as '0'"):
         shrink(nn.Sequential(shared, nn.ReLU(), shared))
+
+
+class _TiedHidden(nn.Module):
+    """b and c hold one weight (c.weight = b.weight); cutting b's dead outputs would cut c differently."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c, self.fc = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.c.weight = self.b.weight
+        with torch.no_grad():
+            self.b.weight[:6] = 0
+            self.b.bias[:6] = 0
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+class _TiedEmbedding(nn.Module):
+    """A language-model-like net whose head is its embedding (head.weight = emb.weight); a dead hidden unit."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.up, self.down, self.head = nn.Embedding(10, 4), nn.Linear(4, 6), nn.Linear(6, 4), nn.Linear(4, 10)
+        self.head.weight = self.emb.weight
+        with torch.no_grad():
+            self.up.weight[:2] = 0
+            self.up.bias[:2] = 0
+
+    def forward(self, tokens):
+        return self.head(self.down(torch.relu(self.up(self.emb(tokens)))))
+
+
+def test_a_weight_tied_between_layers_the_cut_would_split_is_refused_by_name():
+    with pytest.raises(ValueError, match="tied between b.weight and c.weight"):
+        shrink(_TiedHidden(), example_inputs=torch.randn(2, 4))
+
+
+def test_an_embedding_tied_to_its_head_stays_tied_and_the_outputs_equal():
+    net = _TiedEmbedding().eval()
+    small = shrink(net, example_inputs=torch.randint(0, 10, (2, 5)))
+    tokens = torch.randint(0, 10, (64, 5))  # more than the example: the check must hold off it too
+    with torch.no_grad():
+        torch.testing.assert_close(small(tokens), net(tokens), rtol=1e-5, atol=1e-6)
+    assert small.head.weight is small.emb.weight and small.up.out_features == 4

@@ -61,6 +61,7 @@ def shrink_traced(module: nn.Module, example_inputs: Any = None, rtol: float = 1
             graph.get_pruning_group(family.root_module, family.root_handler, roots).prune()
             removed[family.name] = len(units)
     _update_heads(small)
+    _retie(small, _tied(module))
     with torch.no_grad():
         got = list(tensors_of(call(small, inputs)))
     diff = _check_outputs(expected, got, rtol)
@@ -75,6 +76,31 @@ def shrink_traced(module: nn.Module, example_inputs: Any = None, rtol: float = 1
         rows, _count(module), _count(small), *times, diff, tuple(groups.skipped))
     small.train(was_training)
     return small
+
+
+def _tied(module: nn.Module) -> list[list[str]]:
+    """The names of each parameter that several modules hold (tied weights: an embedding and its output head)."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [n for n in names.values() if len(n) > 1]
+
+
+def _retie(small: nn.Module, tied: list[list[str]]) -> None:
+    """Tie again in ``small`` the weights tied in the original: the cut must have left them equal (it did not cut
+    them, or cut them alike), else ``ValueError`` naming them (the graph cuts each holder on its own)."""
+    for names in tied:
+        first = small.get_parameter(names[0])
+        for name in names[1:]:
+            other = small.get_parameter(name)
+            if other is first:
+                continue
+            if other.shape != first.shape or not torch.equal(other, first):
+                raise ValueError(f"shrink cannot cut a weight tied between {' and '.join(names)}: the cut would give "
+                                 f"them shapes {tuple(first.shape)} and {tuple(other.shape)} (or different values); "
+                                 "untie them, or exclude them from the penalty")
+            owner, _, attr = name.rpartition(".")
+            setattr(small.get_submodule(owner), attr, first)
 
 
 def _count(module: nn.Module) -> int:
