@@ -250,3 +250,30 @@ def test_a_frozen_tensor_is_never_zeroed_and_a_target_it_blocks_is_reported():
     assert torch.equal(bn.weight, frozen[0]) and torch.equal(bn.bias, frozen[1])
     residual, inner = reg.penalty.groups.families
     assert int((~residual.alive()).sum()) == 8 and bool(inner.alive().all())
+
+
+def test_a_model_without_a_coupled_group_is_refused_before_any_weight_changes():
+    """A lone Linear: its only channels are the model's output, so there is nothing to penalise (a target would
+    silently do nothing): a ValueError that says why, at fit start."""
+
+    class Lone(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.l, self.example_input_array = nn.Linear(4, 3), torch.zeros(2, 4)
+
+        def forward(self, x):
+            return self.l(x)
+
+        def training_step(self, batch, _):
+            return self(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Lone()
+    before = model.l.weight.detach().clone()
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Regularizer(CoupledGroupL0(0.0), target_sparsity=0.5)])
+    with pytest.raises(ValueError, match="finds no coupled group .* l: the model's output"):
+        trainer.fit(model, torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=4))
+    assert torch.equal(model.l.weight, before)

@@ -78,6 +78,11 @@ class CoupledGroupLasso(Penalty):
             found = coupled_groups(model, example_inputs if example_inputs is not None else self.example_inputs)
             roots = {id(p) for _, p in selected}
             kept = [f for f in found.families if f.root is not None and id(f.root) in roots]
+            if not kept:  # nothing to penalise: a target would do nothing, silently
+                why = "; ".join(f"{root}: {reason}" for root, reason in found.skipped[:3])
+                raise ValueError(f"{type(self).__name__} finds no coupled group among the {len(selected)} selected "
+                                 f"weights of {type(model).__name__}" + (f" (skipped: {why})" if why else "")
+                                 + "; a channel that reaches the output, a LayerNorm or an embedding is not one")
             self.groups, self._bound = CoupledGroups(kept, found.skipped), key
         members = {id(s.param) for f in self.groups.families for s in f.slices}
         names = {id(s.param): s.name for f in self.groups.families for s in f.slices}
