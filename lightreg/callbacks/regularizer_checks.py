@@ -64,7 +64,8 @@ def check_regularizer(penalty: object, mode: object, modes: Sequence[str], sched
         ValueError: L0(alpha=0.1) has no gradient: it works only with mode='proximal', got mode='gradient'
     """
     if not isinstance(penalty, Penalty):
-        raise TypeError(f"penalty must be a lightreg Penalty (L1, L2, ElasticNet, GroupLasso), got {penalty!r}")
+        raise TypeError(f"penalty must be a lightreg Penalty (L1, L2, ElasticNet, L0, GroupLasso, CoupledGroupLasso, "
+                        f"CoupledGroupL0, or your own subclass), got {penalty!r}")
     if mode not in modes:
         raise ValueError(f"mode must be one of {tuple(modes)}, got {mode!r}")
     if schedule is not None and not callable(schedule):

@@ -174,7 +174,7 @@ class CoupledGroupLasso(Penalty):
 
     def groups_to_zero(self, levels: Tensor, fraction: float, n: int) -> int:
         """How many of the ``n`` groups (zero ``levels`` from ``joint_zero_levels``) a target's ramped ``fraction``
-        zeroes: ``round(fraction * n)``, the groups of lowest level. Override to count another way (a parameter
+        zeroes: ``round(fraction * n)`` (halves rounded up), the groups of lowest level. Override to count another way (a parameter
         budget: ``scripts/compare_structured.py``); the groups still die in increasing order of level.
 
         Example:
