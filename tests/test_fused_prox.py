@@ -220,3 +220,15 @@ def test_the_cache_key_names_the_cpu_a_library_was_built_for(monkeypatch):
     here = c_kernels.library_path("x", "int f(void) { return 0; }")
     monkeypatch.setattr(c_kernels, "machine", lambda: "another cpu")
     assert c_kernels.library_path("x", "int f(void) { return 0; }") != here
+
+
+def test_the_c_kernel_tells_autograd_that_the_weight_changed():
+    """Written through a pointer, the weight's version counter still moves: a graph that saved it refuses backward."""
+    p, opt = _adam_after_steps(torch.float64)
+    w = p.detach()
+    saved = (p * p).sum()  # saves p for the backward pass
+    before = w._version
+    elementwise_kernel.elementwise_prox_("l1", w, metric_rule(opt, opt.param_groups[0])(p), 0.01, 0.0)
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from lightreg.base.c_kernels import load, split
 from lightreg.proximal.adaptive_step import AdaptiveStep
@@ -126,3 +127,4 @@ def elementwise_prox_(name: str, w: Tensor, step: AdaptiveStep, alpha_1: float, 
         vbar = float(step.typical())
         q = math.sqrt(vbar) + e if vbar > 0 else scale / step.fallback
         split(n, 1, lambda lo, hi: fn(w_ptr, v_ptr, lo, hi, e, a, b, q, 1))
+    increment_version(w)  # written through a pointer: autograd must still see that it changed
