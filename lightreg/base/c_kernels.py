@@ -1,9 +1,9 @@
 """Small C kernels compiled at first use with the system's C compiler and loaded with ``ctypes``.
 
-lightreg's fused CPU kernels (the group prox in an adaptive metric, the one-pass gradient and decoupled steps) are
-plain C99 functions over raw pointers: compiling one takes about a second (no torch headers), against the 5-30 s of
-an inductor kernel, and the library is cached on disk by the hash of its source, compiler and flags, so later
-processes only load it. ``-O3 -march=native`` vectorises the loops for the machine that runs them (the library is
+lightreg's fused CPU kernels (the elementwise and the group prox in an adaptive metric, the one-pass gradient and
+decoupled steps) are plain C99 functions over raw pointers: compiling one takes about a second (no torch headers),
+against the 5-30 s of an inductor kernel, and the library is cached on disk (a folder private to the user) by the hash
+of its source, compiler, flags and CPU, so later processes only load it. ``-O3 -march=native`` vectorises the loops for the machine that runs them (the library is
 built there); ``-fno-math-errno`` lets ``sqrt`` vectorise; ``-ffp-contract=off`` keeps every operation rounded as
 written, so a kernel rounds as the eager torch code it replaces (``fma`` where torch's ``add(alpha=)`` and
 ``addcmul`` fuse). ``ctypes`` releases the GIL during a call.
